@@ -4,6 +4,9 @@
 """
 from __future__ import annotations
 
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
+
 import torch
 import torch.nn as nn
 
@@ -12,6 +15,124 @@ import common
 # =====================================================================================================
 # config  (owner: agent half; the world-model half adds its fields here too)
 # =====================================================================================================
+
+# Presets scale networks and step counts; each lists only what differs from `large`, the paper's
+# configuration (the dataclass defaults below = official config/{trainer,agent/default}.yaml).
+PRESETS: dict[str, dict] = {
+    "large": {},
+    # one consumer GPU (~8 GB), a few hours: half-width world model, fewer updates per epoch
+    "medium": dict(diffusion_channels=[48, 48, 48, 48], diffusion_cond_dim=192, rew_end_lstm_dim=256,
+                   actor_critic_lstm_dim=256, denoiser_steps_first_epoch=4000, rew_end_steps_first_epoch=4000,
+                   actor_critic_steps_first_epoch=2000, denoiser_steps_per_epoch=200,
+                   rew_end_steps_per_epoch=200, actor_critic_steps_per_epoch=200),
+    # a small GPU or a long CPU run: 50k real steps, one res-block per level, 32 channels
+    "small": dict(diffusion_channels=[32, 32, 32, 32], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=128,
+                  rew_end_channels=[16, 16, 16, 16], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=64,
+                  rew_end_lstm_dim=128, actor_critic_channels=[16, 16, 32, 32], actor_critic_lstm_dim=128,
+                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000,
+                  env_steps_per_epoch=200, num_epochs=300, denoiser_steps_first_epoch=1000,
+                  rew_end_steps_first_epoch=1000, actor_critic_steps_first_epoch=300,
+                  denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100, actor_critic_steps_per_epoch=50,
+                  imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
+    # the whole loop on 2 CPU cores in a few minutes (make demo): 32x32 frames, 8-channel nets
+    "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1],
+                 diffusion_cond_dim=16, rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1],
+                 rew_end_cond_dim=16, rew_end_lstm_dim=32, actor_critic_channels=[8, 8, 16, 16],
+                 actor_critic_lstm_dim=32, env_steps=3000, initial_collection_steps=1000,
+                 initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=4,
+                 denoiser_steps_first_epoch=150, rew_end_steps_first_epoch=150,
+                 actor_critic_steps_first_epoch=40, denoiser_steps_per_epoch=60, rew_end_steps_per_epoch=60,
+                 actor_critic_steps_per_epoch=20, batch_size=16, imagination_batch_size=16,
+                 imagination_horizon=15, eval_every=2, eval_episodes=4, final_eval_episodes=4,
+                 eval_max_steps=1000),
+}
+
+
+def _f(default, help: str):
+    """A dataclass field with a help text (used by common.add_config_args); lists are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(init=False)
+class DiamondConfig:
+    """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset, keyword arguments
+    override it, attributes may be assigned afterwards; unknown presets and fields raise at once."""
+    preset: str = _f("large", "tiny | small | medium | large (the paper's configuration)")
+    # --- game and run ---
+    game: str = _f("Breakout-v5", "Atari game, with or without the ALE/ prefix")
+    obs_size: int = _f(64, "frames are resized to obs_size x obs_size RGB")
+    seed: int = _f(0, "seed of torch/numpy/python RNGs and of the environments")
+    device: str = _f("auto", "auto | cpu | cuda | mps")
+    # --- denoiser (EDM U-Net) ---
+    num_steps_conditioning: int = _f(4, "past frames and actions the denoiser conditions on")
+    diffusion_channels: list = _f([64, 64, 64, 64], "U-Net channels per level")
+    diffusion_depths: list = _f([2, 2, 2, 2], "U-Net res-blocks per level")
+    diffusion_attn_depths: list = _f([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
+    diffusion_cond_dim: int = _f(256, "width of the noise-level + action conditioning vector")
+    num_sampling_steps: int = _f(3, "Euler steps per imagined frame")
+    # --- reward / termination model ---
+    rew_end_channels: list = _f([32, 32, 32, 32], "encoder channels per level")
+    rew_end_depths: list = _f([2, 2, 2, 2], "encoder res-blocks per level")
+    rew_end_cond_dim: int = _f(128, "action embedding width (AdaGN conditioning)")
+    rew_end_lstm_dim: int = _f(512, "LSTM hidden size")
+    # --- actor-critic ---
+    actor_critic_channels: list = _f([32, 32, 64, 64], "encoder channels per level (max-pool after each)")
+    actor_critic_lstm_dim: int = _f(512, "LSTM hidden size")
+    imagination_horizon: int = _f(15, "imagined steps per actor-critic update (official backup_every)")
+    imagination_batch_size: int = _f(32, "parallel imagined environments")
+    discount_factor: float = _f(0.985, "gamma of the lambda-returns")
+    lambda_returns: float = _f(0.95, "lambda of the lambda-returns")
+    entropy_weight: float = _f(0.001, "weight of the entropy bonus")
+    value_weight: float = _f(1.0, "weight of the value MSE")
+    # --- optimisation (AdamW for each of the three models) ---
+    learning_rate: float = _f(1e-4, "AdamW learning rate of all three models")
+    weight_decay: float = _f(1e-2, "AdamW weight decay of the denoiser and reward/end model")
+    actor_critic_weight_decay: float = _f(0.0, "AdamW weight decay of the actor-critic")
+    warmup_steps: int = _f(100, "linear learning-rate warm-up from 0, per model")
+    max_grad_norm_denoiser: float = _f(1.0, "gradient-norm clip of the denoiser")
+    max_grad_norm_rew_end: float = _f(100.0, "gradient-norm clip of the reward/end model")
+    max_grad_norm_actor_critic: float = _f(100.0, "gradient-norm clip of the actor-critic")
+    batch_size: int = _f(32, "segments per denoiser and reward/end batch")
+    sample_weights: list = _f([0.1, 0.1, 0.1, 0.7], "segment sampling weight of each chronological quarter")
+    # --- schedule (per epoch: collect, train denoiser, reward/end model, actor-critic; evaluate) ---
+    num_epochs: int = _f(1000, "training epochs")
+    env_steps: int = _f(100_000, "budget of real environment steps (Atari 100k)")
+    initial_collection_steps: int = _f(5000, "random-policy steps before the first epoch's training")
+    initial_collection_max: int = _f(10000, "initial collection continues until both rare reward classes are seen")
+    env_steps_per_epoch: int = _f(100, "real steps collected per epoch after the first")
+    collect_epsilon: float = _f(0.01, "epsilon-greedy exploration while collecting")
+    denoiser_steps_first_epoch: int = _f(10000, "denoiser updates in epoch 1")
+    rew_end_steps_first_epoch: int = _f(10000, "reward/end updates in epoch 1")
+    actor_critic_steps_first_epoch: int = _f(5000, "actor-critic updates in epoch 1")
+    denoiser_steps_per_epoch: int = _f(400, "denoiser updates in later epochs")
+    rew_end_steps_per_epoch: int = _f(400, "reward/end updates in later epochs")
+    actor_critic_steps_per_epoch: int = _f(400, "actor-critic updates in later epochs")
+    eval_every: int = _f(10, "evaluate on the real game every N epochs (and after the last)")
+    eval_episodes: int = _f(4, "test episodes per evaluation")
+    final_eval_episodes: int = _f(100, "test episodes after the last epoch")
+    eval_max_steps: int = _f(27000, "cap on a test episode's steps (108k frames, the ALE default)")
+
+    def __init__(self, preset: str = "large", **overrides):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        for f in fields(self):  # dataclass defaults, then the preset, then the caller's values
+            value = f.default_factory() if f.default is MISSING else f.default
+            object.__setattr__(self, f.name, value)
+        object.__setattr__(self, "preset", preset)
+        for name, value in {**PRESETS[preset], **overrides}.items():
+            setattr(self, name, value)
+
+    def __setattr__(self, name, value):
+        if name not in self.__dataclass_fields__:
+            close = difflib.get_close_matches(name, list(self.__dataclass_fields__), n=3)
+            raise AttributeError(f"DiamondConfig has no field {name!r}" + (f"; did you mean {close}?" if close else
+                                 "; see `python diamond.py --help` for the list"))
+        if name == "preset" and value != getattr(self, "preset", value):
+            raise AttributeError("set the preset at construction: DiamondConfig(preset=...)")
+        object.__setattr__(self, name, value)
+
 
 # =====================================================================================================
 # environment: Atari preprocessing and vectorised collection  (owner: world-model half)
