@@ -168,6 +168,7 @@ def shapes_features(net: nn.Sequential, images: torch.Tensor, batch_size: int = 
 
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of samples whose argmax class is the class they were generated for."""
+    assert labels.shape == logits.shape[:1], f"labels {tuple(labels.shape)} vs logits {tuple(logits.shape)}"
     return (logits.argmax(1) == labels.cpu()).double().mean().item()
 
 
