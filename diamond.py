@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 
@@ -153,6 +155,124 @@ class DiamondConfig:
 # =====================================================================================================
 # agent: actor-critic, lambda-returns, loss  (owner: agent half)
 # =====================================================================================================
+
+GN_GROUP_SIZE = 32  # official blocks.py: GroupNorm with max(1, C // 32) groups, eps 1e-5
+
+
+class _NormWrap(nn.Module):
+    """GroupNorm under the attribute `.norm` (official blocks.GroupNorm), for the official key names."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(max(1, channels // GN_GROUP_SIZE), channels, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class SmallResBlock(nn.Module):
+    """x + f(x) with f = GroupNorm -> SiLU -> Conv3x3 (official blocks.SmallResBlock; a 1x1 projection on
+    the skip path when the width changes). f.0 is a container whose `.norm` holds the GroupNorm, which
+    gives the official key `f.0.norm.weight`."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.f = nn.Sequential(_NormWrap(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.skip_projection = (nn.Identity() if in_channels == out_channels
+                                else nn.Conv2d(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip_projection(x) + self.f(x)
+
+
+class ActorCriticNetwork(nn.Module):
+    """The DIAMOND policy and value: one frame -> conv encoder -> LSTMCell -> (action logits, value).
+    Memory lives only in the LSTM state. Parameter names = the official `actor_critic` module, so
+    `load_state_dict(official_sd, strict=True)` works on an official agent checkpoint's sub-dict.
+
+    Encoder (official ActorCriticEncoder): Conv3x3(3 -> c0), then per level a SmallResBlock and a
+    2x2 max-pool; with 4 levels a 64x64 frame becomes (c3, 4, 4), flattened channel-major."""
+
+    def __init__(self, num_actions: int, channels=(32, 32, 64, 64), lstm_dim: int = 512,
+                 img_size: int = 64, img_channels: int = 3):
+        super().__init__()
+        assert img_size % 2 ** len(channels) == 0, f"img_size {img_size} not divisible by 2^{len(channels)}"
+        layers = [nn.Conv2d(img_channels, channels[0], 3, padding=1)]
+        for i, c in enumerate(channels):  # keys encoder.encoder.{1,3,5,7}; the pools (2,4,6,8) have none
+            layers += [SmallResBlock(channels[max(0, i - 1)], c), nn.MaxPool2d(2)]
+        self.encoder = nn.Module()
+        self.encoder.encoder = nn.Sequential(*layers)
+        feat_dim = channels[-1] * (img_size // 2 ** len(channels)) ** 2
+        self.lstm_dim = lstm_dim
+        self.lstm = nn.LSTMCell(feat_dim, lstm_dim)
+        self.critic_linear = nn.Linear(lstm_dim, 1)
+        self.actor_linear = nn.Linear(lstm_dim, num_actions)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # heads at zero: uniform initial policy and zero value (official)
+        for head in (self.actor_linear, self.critic_linear):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        init_lstm_weights(self.lstm)
+
+    def forward(self, obs: torch.Tensor, hx_cx=None):
+        """obs (B, 3, H, W) in [-1, 1]; hx_cx None (zero state) or (hx, cx), each (B, lstm_dim).
+        Returns logits (B, A), value (B,), (hx, cx): official `predict_act_value`."""
+        assert obs.ndim == 4, f"expected one frame per env (B, C, H, W), got {tuple(obs.shape)}"
+        x = self.encoder.encoder(obs).flatten(start_dim=1)  # (B, feat_dim)
+        hx, cx = self.lstm(x, hx_cx)
+        return self.actor_linear(hx), self.critic_linear(hx).squeeze(1), (hx, cx)
+
+
+def init_lstm_weights(lstm: nn.Module):
+    """Official init_lstm: W_ih xavier-uniform, W_hh orthogonal, biases 0 but the forget-gate part of
+    b_ih (rows [H, 2H)) at 1 so the cell remembers at the start of training. nn.LSTM keys end in _l0."""
+    sfx = "_l0" if isinstance(lstm, nn.LSTM) else ""
+    nn.init.xavier_uniform_(getattr(lstm, "weight_ih" + sfx))
+    nn.init.orthogonal_(getattr(lstm, "weight_hh" + sfx))
+    b_ih, b_hh = getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)
+    nn.init.zeros_(b_ih)
+    nn.init.zeros_(b_hh)
+    H = lstm.hidden_size
+    with torch.no_grad():
+        b_ih[H:2 * H] = 1.0
+
+
+def compute_lambda_returns(rew, end, trunc, val_bootstrap, gamma: float, lambda_: float) -> torch.Tensor:
+    """TD(lambda) returns of an imagined rollout, all (B, T); rew is sign-clipped here.
+    G_t = r_t + gamma (1-d_t) [(1-tau_t)(1-lambda) + tau_t] vb_t + (1-e_t) gamma lambda G_{t+1}, with e = d or tau
+    and vb_t = V(o_{t+1}) (for a finished env, the value of its final frame). An end (d) cuts the value; a
+    truncation (tau) bootstraps fully on vb_t. The sum starts from G_T := vb_{T-1}."""
+    rew = rew.sign()
+    end, trunc = end.float(), trunc.float()
+    not_end_or_trunc = 1 - (end + trunc).clamp(max=1)
+    returns = rew + gamma * (1 - end) * ((1 - trunc) * (1 - lambda_) + trunc) * val_bootstrap
+    nxt = val_bootstrap[:, -1]
+    out = []
+    for t in reversed(range(rew.size(1))):
+        g = returns[:, t] + not_end_or_trunc[:, t] * gamma * lambda_ * nxt
+        out.append(g)
+        nxt = g
+    return torch.stack(out[::-1], dim=1)
+
+
+def actor_critic_loss(logits, values, act, rew, end, trunc, val_bootstrap, gamma: float = 0.985,
+                      lambda_: float = 0.95, value_weight: float = 1.0, entropy_weight: float = 0.001):
+    """REINFORCE with the value as baseline, value regression to the lambda-returns, entropy bonus.
+    logits (B, T, A) and values (B, T) carry the graph; the rest (B, T) does not. -> (loss, metrics)."""
+    dist = torch.distributions.Categorical(logits=logits)
+    entropy = dist.entropy().mean()
+    with torch.no_grad():
+        returns = compute_lambda_returns(rew, end, trunc, val_bootstrap, gamma, lambda_)
+    loss_actions = (-dist.log_prob(act) * (returns - values).detach()).mean()
+    loss_values = value_weight * F.mse_loss(values, returns)
+    loss_entropy = -entropy_weight * entropy
+    loss = loss_actions + loss_values + loss_entropy
+    metrics = dict(loss_actions=loss_actions.item(), loss_values=loss_values.item(),
+                   loss_entropy=loss_entropy.item(), policy_entropy_bits=entropy.item() / math.log(2),
+                   lambda_return_mean=returns.mean().item())
+    return loss, metrics
 
 # =====================================================================================================
 # training loop, evaluation, dreams  (owner: agent half; `dream` by the world-model half)
