@@ -4,9 +4,11 @@
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -274,10 +276,163 @@ def actor_critic_loss(logits, values, act, rew, end, trunc, val_bootstrap, gamma
                    lambda_return_mean=returns.mean().item())
     return loss, metrics
 
+
+class AgentEnvLoop:
+    """The actor-critic acting in a batched environment (official coroutines/env_loop.py), for imagined
+    training, real collection and real evaluation. The LSTM state persists between `rollout` calls and is
+    detached at the start of each, so gradients flow back through one rollout (truncated BPTT).
+
+    env API (WorldModelEnv and the real TorchEnv alike): reset() -> (obs (B,3,H,W) float in [-1,1], info);
+    step(act (B,)) -> (next_obs, rew (B,), end (B,), trunc (B,), info); for finished envs info has
+    "final_observation" (n_dead,3,H,W) and the returned obs is already the next episode's first frame;
+    an imagined env also gives "burnin_obs" (n_dead, K, 3, H, W): the new real context, fed to the LSTM."""
+
+    def __init__(self, env, actor_critic: ActorCriticNetwork, epsilon: float = 0.0, generator=None):
+        self.env, self.ac, self.epsilon = env, actor_critic, epsilon
+        self.generator = generator  # torch.Generator (CPU) for action sampling and epsilon draws
+        self.obs = self.hx = self.cx = None
+
+    def rollout(self, num_steps: int, grad: bool = True) -> dict:
+        """Step every env num_steps times; returns (B, T) tensors act, rew, end, trunc, val_bootstrap
+        (no grad) and logits (B, T, A) and val (B, T) (with grad when `grad`), plus obs (B, T, 3, H, W)."""
+        if self.obs is None:
+            self.obs, _ = self.env.reset()
+            n = self.obs.size(0)
+            self.hx = torch.zeros(n, self.ac.lstm_dim, device=self.obs.device)
+            self.cx = torch.zeros_like(self.hx)
+        hx, cx, obs = self.hx.detach(), self.cx.detach(), self.obs
+        keys = ("obs", "act", "rew", "end", "trunc", "logits", "val", "val_final")
+        out = {k: [] for k in keys}
+        with torch.set_grad_enabled(grad):
+            for _ in range(num_steps):
+                logits, val, (hx, cx) = self.ac(obs, (hx, cx))
+                act = self.sample_actions(logits)
+                next_obs, rew, end, trunc, info = self.env.step(act)
+                dead = torch.logical_or(end.bool(), trunc.bool())
+                val_final = torch.zeros_like(val.detach())
+                if dead.any():
+                    with torch.no_grad():  # value of the frame the episode ended on, from the post-step state
+                        val_final[dead] = self.ac(info["final_observation"], (hx[dead], cx[dead]))[1]
+                    keep = (~dead).float().unsqueeze(1)
+                    hx, cx = hx * keep, cx * keep
+                    if "burnin_obs" in info:  # imagination: read the new real context into the LSTM
+                        with torch.no_grad():
+                            h, c = hx[dead], cx[dead]
+                            for i in range(info["burnin_obs"].size(1)):
+                                _, _, (h, c) = self.ac(info["burnin_obs"][:, i], (h, c))
+                        hx, cx = hx.clone(), cx.clone()
+                        hx[dead], cx[dead] = h, c
+                for k, v in zip(keys, (obs, act, rew, end, trunc, logits, val, val_final)):
+                    out[k].append(v)
+                obs = next_obs
+            with torch.no_grad():  # bootstrap value of the last next-obs, without advancing the state
+                val_last = self.ac(obs, (hx, cx))[1]
+        self.obs, self.hx, self.cx = obs, hx, cx
+        r = {k: torch.stack(v, dim=1) for k, v in out.items()}
+        r["end"], r["trunc"] = r["end"].long(), r["trunc"].long()
+        # vb_t = V(o_{t+1}): the next step's value, or the final frame's for an env that died at t
+        next_val = torch.cat([r["val"][:, 1:].detach(), val_last.unsqueeze(1)], dim=1)
+        dead = (r["end"] + r["trunc"]).clamp(max=1).bool()
+        r["val_bootstrap"] = torch.where(dead, r.pop("val_final"), next_val)
+        return r
+
+    def sample_actions(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(logits.detach().float(), dim=-1).cpu()
+        act = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        if self.epsilon > 0 and torch.rand((), generator=self.generator).item() < self.epsilon:
+            act = torch.randint(logits.size(-1), act.shape, generator=self.generator)  # one draw for all envs
+        return act.to(logits.device)
+
+
+def actor_critic_update(loop: AgentEnvLoop, cfg: DiamondConfig) -> tuple[torch.Tensor, dict]:
+    """One actor-critic loss: imagine `imagination_horizon` steps in every env, then the loss on them."""
+    r = loop.rollout(cfg.imagination_horizon)
+    return actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"], r["val_bootstrap"],
+                             cfg.discount_factor, cfg.lambda_returns, cfg.value_weight, cfg.entropy_weight)
+
 # =====================================================================================================
 # training loop, evaluation, dreams  (owner: agent half; `dream` by the world-model half)
 # =====================================================================================================
 
+# (random, human) scores of the 26 Atari-100k games: the standard table (DQN / Atari-100k papers), with
+# which the paper's mean HNS 1.46 is reproduced. HNS = (score - random) / (human - random).
+ATARI_100K_SCORES = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
+    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
+    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+}
+
+
+def human_normalized_score(game: str, score: float) -> Optional[float]:
+    """HNS of a raw game score, or None for a game outside the Atari-100k table."""
+    name = game.split("/")[-1].split("-")[0].replace("NoFrameskip", "")
+    if name not in ATARI_100K_SCORES:
+        return None
+    random_score, human_score = ATARI_100K_SCORES[name]
+    return (score - random_score) / (human_score - random_score)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the official (minGPT) parameter groups: weights of Linear / Conv / LSTM layers decay;
+    biases, embeddings and normalisation weights do not."""
+    decay_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.LSTMCell)
+    decay, no_decay = [], []
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            is_weight = p_name.startswith("weight")  # LSTM: weight_ih(_l0), weight_hh(_l0)
+            (decay if is_weight and isinstance(mod, decay_types) else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_warmup(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 (official: the factor is step / warmup, so the first update uses lr 0)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup_steps) if warmup_steps > 0 else 1.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN / inf loss: training stops, the last good checkpoint is left untouched."""
+
+
+def optimizer_step(name: str, loss: torch.Tensor, model: nn.Module, opt, sched, max_grad_norm: float,
+                   step: int) -> float:
+    """backward -> clip -> step -> warm-up: one update of one of the three models. Returns the grad norm.
+    A non-finite loss or gradient raises before the weights change."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite {name} loss ({loss.item()}) at {name} step {step}; "
+                                 "training stopped, the last checkpoint is the last good state")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite {name} gradient norm at {name} step {step}; "
+                                 "training stopped, the last checkpoint is the last good state")
+    opt.step()
+    sched.step()
+    return grad_norm.item()
+
 # =====================================================================================================
 # command line  (owner: agent half)
 # =====================================================================================================
+
+def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.ArgumentParser, DiamondConfig]:
+    """A parser with one flag per DiamondConfig field whose defaults are those of the chosen --preset
+    (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="large", choices=list(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    base = DiamondConfig(preset=known.preset)
+    parser = argparse.ArgumentParser(description=description)
+    common.add_config_args(parser, base)
+    return parser, base
+
+
+def parse_config(argv) -> DiamondConfig:
+    """DiamondConfig from command-line flags only (used by tests and scripts)."""
+    parser, base = config_parser(argv)
+    return common.config_from_args(base, parser.parse_args(argv))
