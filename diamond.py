@@ -416,6 +416,28 @@ def optimizer_step(name: str, loss: torch.Tensor, model: nn.Module, opt, sched, 
     sched.step()
     return grad_norm.item()
 
+
+@torch.no_grad()
+def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsilon: float = 0.0,
+                    generator=None, frames: Optional[list] = None) -> dict:
+    """Play one episode in each of env's B parallel envs (a test env: no life-loss ends) with actions
+    sampled from the policy (epsilon = 1: the uniform random policy). An episode still running after
+    max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames."""
+    loop = AgentEnvLoop(env, actor_critic, epsilon=epsilon, generator=generator)
+    returns, done, steps = None, None, 0
+    while steps < max_steps and (done is None or not done.all()):
+        r = loop.rollout(1, grad=False)
+        if returns is None:
+            returns = torch.zeros(r["rew"].size(0))
+            done = torch.zeros(r["rew"].size(0), dtype=torch.bool)
+        if frames is not None and not done[0]:
+            frames.append(common.to_uint8(r["obs"][0, 0:1])[0].permute(1, 2, 0).numpy())
+        returns += r["rew"][:, 0].float().cpu() * (~done)
+        done |= (r["end"][:, 0] + r["trunc"][:, 0]).bool().cpu()
+        steps += 1
+    return dict(returns=returns.tolist(), return_mean=returns.mean().item(), return_max=returns.max().item(),
+                finished=int(done.sum()), steps=steps)
+
 # =====================================================================================================
 # command line  (owner: agent half)
 # =====================================================================================================
