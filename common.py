@@ -825,8 +825,11 @@ class Progress:
 # (SHAPES_FEAT_DIM values, like Inception's 2048-d pool3) is the feature space of
 #   - shapes-FD: the FID formula ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)),
 #   - precision / recall of Kynkaanniemi et al. (2019), from k-NN balls around feature vectors,
-# and its logits give the class accuracy of class-conditional samples. FD and the k-NN metrics are
-# biased in the number of samples: compare numbers at the same N and the same classifier key.
+# and its logits give the class accuracy of class-conditional samples. Each `shapes` class has its own
+# colour, so the classifier is trained on recoloured images to read the class from the shape; its
+# features are then fairly colour-blind too (held-out real images: FD 0.26; the same with R,G,B
+# channels swapped: FD 0.84; blurred: 10; two classes only: 65; uniform noise: 100).
+# FD and the k-NN metrics are biased in the number of samples: compare at the same N and classifier key.
 # For real FID on CIFAR-10, write samples with `--npz` and use the ADM evaluator (see README).
 
 SHAPES_CLF_VERSION = 2       # bump when the recipe changes; it enters the cache key
@@ -845,7 +848,8 @@ _SHAPES_MEMO: dict = {}      # in-process cache of the classifier and real featu
 def shapes_classifier_net(num_classes: int, feat_dim: int = SHAPES_FEAT_DIM) -> nn.Sequential:
     """Four conv-BN-ReLU layers (32 -> 16 -> 8 -> 4 pixels), global average pool, linear head.
     Input (N, 3, H, W) float in [-1, 1]; net[:-1](x) -> (N, feat_dim) features, net(x) -> logits.
-    BatchNorm is there for speed: without it the same budget reaches ~90% accuracy, not ~100%."""
+    BatchNorm is what makes a few seconds of training enough: without it the same recipe reached 58%
+    held-out accuracy instead of 99.7%."""
     def block(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
     return nn.Sequential(
