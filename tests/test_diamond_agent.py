@@ -1,0 +1,215 @@
+"""DIAMOND agent half: actor-critic parity with the official code, config API, training-loop reliability.
+
+Golden values: tests/golden/diamond_small.pt, `actor_critic` entries (official eloialonso/diamond, tiny
+config, perturbed weights; see its `meta/actor_critic`)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import diamond  # noqa: E402
+
+GOLDEN = ROOT / "tests" / "golden" / "diamond_small.pt"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(GOLDEN, weights_only=True)
+
+
+def official_actor_critic(golden):
+    cfg = golden["configs"]["actor_critic"]
+    net = diamond.ActorCriticNetwork(cfg["num_actions"], cfg["channels"], cfg["lstm_dim"], cfg["img_size"],
+                                     cfg["img_channels"])
+    net.load_state_dict(golden["state_dicts"]["actor_critic"], strict=True)
+    return net
+
+
+def rollout(net, golden):
+    """predict_act_value on obs_seq[:, t], t = 0..T-1, from the zero state, no resets (meta/actor_critic)."""
+    obs = golden["inputs"]["obs_seq_u8"].float() / 255 * 2 - 1  # meta/frame_decode
+    hx_cx, logits, values, hxs = None, [], [], []
+    for t in range(obs.size(1)):
+        lg, v, hx_cx = net(obs[:, t], hx_cx)
+        logits.append(lg), values.append(v), hxs.append(hx_cx[0])
+    return torch.stack(logits, 1), torch.stack(values, 1), torch.stack(hxs, 1), hx_cx
+
+
+def maxerr(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_actor_critic_keys_match_official_checkpoint(golden):
+    ours = {"actor_critic." + k for k in official_actor_critic(golden).state_dict()}
+    official = {k for k in golden["agent_state_dict_keys"] if k.startswith("actor_critic.")}
+    assert ours == official and len(ours) == 26
+    # default size: parameter count of the official module (3,227,585 + 513 A)
+    net = diamond.ActorCriticNetwork(num_actions=4)
+    assert sum(p.numel() for p in net.parameters()) == 3_227_585 + 513 * 4
+    assert net.actor_linear.weight.abs().sum() == 0 and net.critic_linear.bias.abs().sum() == 0
+    H = net.lstm_dim
+    assert torch.all(net.lstm.bias_ih[H:2 * H] == 1) and torch.all(net.lstm.bias_hh == 0)
+
+
+def test_actor_critic_forward_parity(golden):
+    ac = golden["actor_critic"]
+    logits, values, hxs, (hx, cx) = rollout(official_actor_critic(golden), golden)
+    assert maxerr(logits, ac["logits_act"]) < TOL
+    assert maxerr(values, ac["val"]) < TOL
+    assert maxerr(hxs, ac["hx_per_step"]) < TOL
+    assert maxerr(hx, ac["hx_final"]) < TOL and maxerr(cx, ac["cx_final"]) < TOL
+
+
+def test_lambda_returns_parity(golden):
+    ac, lc = golden["actor_critic"], golden["configs"]["actor_critic_loss"]
+    args = (ac["end"], ac["trunc"], ac["val_bootstrap"], lc["gamma"], lc["lambda_"])
+    assert maxerr(diamond.compute_lambda_returns(ac["rew"], *args), ac["lambda_returns"]) < TOL
+    # rewards are sign-clipped inside, as in the official function
+    assert maxerr(diamond.compute_lambda_returns(ac["rew_unclipped"], *args), ac["lambda_returns_from_unclipped"]) < TOL
+    # the worked examples of the facts sheet: truncation bootstraps, an end cuts the return
+    z = torch.zeros(1, 4)
+    vb = torch.tensor([[.5, .6, .7, .8]])
+    tau = torch.tensor([[0., 0, 0, 1]])
+    g = diamond.compute_lambda_returns(torch.tensor([[1., 0, 0, 2]]), z, tau, vb, 0.985, 0.95)
+    assert maxerr(g, torch.tensor([[2.54750, 1.62743, 1.70760, 1.78800]])) < 1e-4
+    g = diamond.compute_lambda_returns(torch.tensor([[1., 0, 0, 2]]), torch.tensor([[0., 1, 0, 0]]), tau, vb, 0.985, 0.95)
+    assert maxerr(g, torch.tensor([[1.02462, 0, 1.70760, 1.78800]])) < 1e-4
+
+
+def test_actor_critic_loss_and_gradient_parity(golden):
+    ac, lc = golden["actor_critic"], golden["configs"]["actor_critic_loss"]
+    net = official_actor_critic(golden)
+    logits, values, _, _ = rollout(net, golden)
+    loss, m = diamond.actor_critic_loss(logits, values, ac["act"], ac["rew"], ac["end"], ac["trunc"],
+                                        ac["val_bootstrap"], lc["gamma"], lc["lambda_"], lc["weight_value_loss"],
+                                        lc["weight_entropy_loss"])
+    assert abs(loss.item() - ac["loss"].item()) < TOL
+    for k in ("loss_actions", "loss_values", "loss_entropy", "policy_entropy_bits"):
+        assert abs(m[k] - ac[k].item()) < TOL, k
+    loss.backward()
+    grad_norm = torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))
+    assert abs(grad_norm.item() - ac["grad_norm"].item()) < TOL
+    assert maxerr(net.actor_linear.weight.grad, ac["grad_actor_linear_weight"]) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------
+# config API
+# ---------------------------------------------------------------------------------------------------
+
+def test_config_presets_and_errors():
+    large = diamond.DiamondConfig()
+    assert large == diamond.DiamondConfig(preset="large")
+    assert (large.game, large.obs_size, large.diffusion_channels, large.diffusion_cond_dim) == \
+        ("Breakout-v5", 64, [64, 64, 64, 64], 256)
+    assert (large.num_sampling_steps, large.imagination_horizon, large.discount_factor) == (3, 15, 0.985)
+    assert (large.learning_rate, large.num_epochs, large.env_steps) == (1e-4, 1000, 100_000)
+    cfg = diamond.DiamondConfig(preset="small")
+    assert cfg.diffusion_channels != large.diffusion_channels
+    cfg.game = "Pong-v5"
+    cfg.obs_size = 64
+    assert (cfg.game, cfg.preset) == ("Pong-v5", "small")
+    for name in diamond.PRESETS:  # every preset key is a real field
+        c = diamond.DiamondConfig(preset=name)
+        assert all(getattr(c, k) == v for k, v in diamond.PRESETS[name].items())
+    assert diamond.DiamondConfig(preset="tiny", obs_size=64).obs_size == 64  # keywords beat the preset
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny"):
+        diamond.DiamondConfig(preset="huge")
+    with pytest.raises(AttributeError, match="no field 'obs_sise'.*obs_size"):
+        cfg.obs_sise = 32
+    with pytest.raises(AttributeError, match="no field 'bogus'"):
+        diamond.DiamondConfig(preset="tiny", bogus=1)
+    a = diamond.DiamondConfig(preset="tiny")
+    a.diffusion_channels.append(99)  # lists are per instance
+    assert diamond.DiamondConfig(preset="tiny").diffusion_channels == diamond.PRESETS["tiny"]["diffusion_channels"]
+
+
+def test_config_cli_flags():
+    cfg = diamond.parse_config(["--game", "Pong", "--preset", "small", "--num-sampling-steps", "5",
+                                "--diffusion-channels", "16", "16", "16", "16"])
+    assert (cfg.preset, cfg.game, cfg.num_sampling_steps, cfg.diffusion_channels) == \
+        ("small", "Pong", 5, [16, 16, 16, 16])
+    assert cfg.actor_critic_lstm_dim == diamond.PRESETS["small"]["actor_critic_lstm_dim"]  # preset defaults
+    with pytest.raises(SystemExit):
+        diamond.parse_config(["--preset", "huge"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the env loop: bootstrap values, resets, burn-in
+# ---------------------------------------------------------------------------------------------------
+
+class CountingEnv:
+    """B envs whose frame is a constant image equal to a per-env counter / 10; env i ends every
+    period[i] steps (end for env 0, truncation for env 1) and restarts at -1 with a 2-frame burn-in."""
+
+    def __init__(self, periods=(2, 3), burnin=True):
+        self.periods, self.burnin = periods, burnin
+        self.t = torch.zeros(len(periods), dtype=torch.long)
+
+    def frame(self, v):
+        return torch.full((len(v), 3, 16, 16), 1.0).mul(v.float().view(-1, 1, 1, 1) / 10)
+
+    def reset(self):
+        self.t.zero_()
+        return self.frame(self.t), {}
+
+    def step(self, act):
+        self.t += 1
+        p = torch.tensor(self.periods)
+        dead = self.t % p == 0
+        end = dead & (torch.arange(len(p)) == 0)
+        trunc = dead & (torch.arange(len(p)) == 1)
+        info = {}
+        if dead.any():
+            info["final_observation"] = self.frame(self.t[dead])
+            if self.burnin:
+                info["burnin_obs"] = torch.stack([self.frame(-torch.ones(int(dead.sum()))),
+                                                  self.frame(-2 * torch.ones(int(dead.sum())))], dim=1)
+        obs = self.frame(torch.where(dead, torch.full_like(self.t, -1), self.t))
+        return obs, torch.ones(len(p)), end.long(), trunc.long(), info
+
+
+def test_env_loop_bootstrap_and_burnin():
+    torch.manual_seed(0)
+    ac = diamond.ActorCriticNetwork(3, channels=[4, 4], lstm_dim=8, img_size=16)
+    for p in ac.parameters():  # non-zero heads so values differ per state
+        torch.nn.init.normal_(p, std=0.3)
+    env = CountingEnv()
+    loop = diamond.AgentEnvLoop(env, ac, generator=torch.Generator().manual_seed(0))
+    r = loop.rollout(4)
+    assert r["logits"].shape == (2, 4, 3) and r["val"].requires_grad and not r["val_bootstrap"].requires_grad
+    assert r["end"][0].tolist() == [0, 1, 0, 1] and r["trunc"][1].tolist() == [0, 0, 1, 0]
+    # replay by hand: env 0 ends at t=1; vb_1 = V(final frame 0.2 | state after step 1), then a reset (zero
+    # state) and burn-in over the frames -0.1, -0.2 before the next frame -0.1
+    f = lambda v: torch.full((1, 3, 16, 16), v / 10)
+    with torch.no_grad():
+        _, v0, s = ac(f(0), None)
+        _, v1, s = ac(f(1), s)
+        _, v_final, _ = ac(f(2), s)
+        _, _, s2 = ac(f(-1), None)
+        _, _, s2 = ac(f(-2), s2)
+        _, v2, _ = ac(f(-1), s2)
+    assert abs(r["val"][0, 0] - v0).item() < 1e-6 and abs(r["val"][0, 1] - v1).item() < 1e-6
+    assert abs(r["val_bootstrap"][0, 0] - v1).item() < 1e-6       # next step's value
+    assert abs(r["val_bootstrap"][0, 1] - v_final).item() < 1e-6  # final frame's value at the end
+    assert abs(r["val"][0, 2] - v2).item() < 1e-6                 # burned-in state after the reset
+    # the state carries to the next rollout (detached), the last bootstrap does not advance it
+    hx = loop.hx.clone()
+    r2 = loop.rollout(1)
+    assert r["end"][1, -1] == 0 and r["trunc"][1, -1] == 0  # env 1 alive at the last step:
+    assert abs(r["val_bootstrap"][1, -1] - r2["val"][1, 0]).item() < 1e-6
+    assert not torch.equal(hx, loop.hx)
+
+
+def test_nonfinite_loss_stops_with_module_and_step():
+    net = torch.nn.Linear(2, 1)
+    opt = diamond.make_optimizer(net, 1e-3, 0.0)
+    sched = diamond.make_warmup(opt, 0)
+    before = net.weight.detach().clone()
+    with pytest.raises(diamond.NonFiniteLossError, match="rew_end loss .* at rew_end step 7"):
+        diamond.optimizer_step("rew_end", net(torch.tensor([[float("nan"), 1.0]])).sum(), net, opt, sched, 1.0, 7)
+    assert torch.equal(before, net.weight)
