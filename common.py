@@ -182,7 +182,7 @@ def setup_ddp(device: str = "auto") -> Dist:
         return Dist(device=pick_device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and device in ("auto", "cuda"):
+    if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):  # one GPU per process
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -308,7 +308,7 @@ def _shape_sdf(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """n images of the synthetic `shapes` data: (uint8 (n, 3, size, size), int64 labels (n,)).
     Classes are balanced (each appears n // 10 or n // 10 + 1 times) in random order; the result
-    depends only on (n, seed, size). Vectorised: ~20k images per second on one CPU core."""
+    depends only on (n, seed, size). Vectorised: 5000 images take ~0.2-0.4 s on one CPU core."""
     g = torch.Generator().manual_seed(seed)
     k = len(SHAPES_CLASSES)
     labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
@@ -326,22 +326,22 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, to
     fg = (colors * brightness + fg_tint).clamp(0, 1)               # (n, 3)
     bg0 = (bg_gray + bg_tint).clamp(0, 1)                          # (n, 3)
 
-    pix = (torch.arange(size, dtype=torch.float32) + 0.5)          # pixel centres
-    py, px = torch.meshgrid(pix, pix, indexing="ij")               # (size, size)
-    dx = px - center[:, 0, None, None]                             # (n, size, size)
-    dy = py - center[:, 1, None, None]
+    # Everything before the shape is separable: a pixel's offset from the centre is a column term plus a
+    # row term, so u, v and the background ramp cost one full-size pass each.
+    pix = torch.arange(size, dtype=torch.float32) + 0.5           # pixel centres
+    dx = (pix - center[:, :1])[:, None, :] / radius[:, None, None]  # (n, 1, size): column offset in radii
+    dy = (pix - center[:, 1:])[:, :, None] / radius[:, None, None]  # (n, size, 1): row offset
     cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    rad = radius[:, None, None]
-    u, v = (cos * dx + sin * dy) / rad, (-sin * dx + cos * dy) / rad  # shape frame, unit size
+    u, v = cos * dx + sin * dy, cos * dy - sin * dx                # (n, size, size): rotated shape frame
     sdf = torch.empty(n, size, size)
     for c, name in enumerate(SHAPES_CLASSES):
         idx = (labels == c).nonzero().squeeze(1)
         sdf[idx] = _shape_sdf(name, u[idx], v[idx])
-    alpha = (0.5 - sdf * rad).clamp(0, 1)[:, None]                 # (n, 1, size, size): 1-pixel soft edge
-    ramp = (px / size - 0.5)[None] * bg_slope[:, 0, None, None] + (py / size - 0.5)[None] * bg_slope[:, 1, None, None]
-    bg = (bg0[:, :, None, None] + ramp[:, None]).clamp(0, 1)       # (n, 3, size, size)
-    img = alpha * fg[:, :, None, None] + (1 - alpha) * bg
-    return (img * 255).round().to(torch.uint8), labels.long()
+    alpha = (0.5 - sdf * radius[:, None, None]).clamp_(0, 1)[:, None]  # (n, 1, size, size): 1-px soft edge
+    ramp = (pix / size - 0.5) * bg_slope[:, :, None]               # (n, 2, size): x and y gradients
+    bg = (bg0[:, :, None, None] + ramp[:, None, 0, None, :]) + ramp[:, None, 1, :, None]
+    img = torch.lerp(bg.clamp_(0, 1), fg[:, :, None, None].expand_as(bg), alpha)  # (n, 3, size, size)
+    return img.mul_(255).round_().to(torch.uint8), labels.long()
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_weights_only_load_refuses_code(tmp_path):
     torch.save({"kind": "ddpm", "x": _Exploit()}, path)  # torch.save pickles whatever it is given
     with pytest.raises(C.CheckpointError, match="cannot load"):
         C.load_checkpoint(path, kind="ddpm")
-    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"kind": "ddpm", "x": _Exploit()}))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"kind": "ddpm", "x": _Exploit()}, protocol=2))
     with pytest.raises(C.CheckpointError):
         C.load_checkpoint(tmp_path / "plain.pkl", kind="ddpm")
 
