@@ -51,13 +51,13 @@ def _field_types(cfg) -> dict:
     f.type is a string); {} when they cannot be resolved, and the default's type is used instead."""
     try:
         return typing.get_type_hints(type(cfg))
-    except Exception:  # an unresolvable annotation only costs us the hint, never the flag
+    except (NameError, TypeError, AttributeError):  # an unresolvable annotation costs the hint, not the flag
         return {}
 
 
 def _scalar_parser(hint, default):
-    """The argparse `type` for one value: from the hint (Optional[X] -> X, accepting 'none'), else
-    from the default. Returns (converter, is_optional)."""
+    """The argparse `type` converter for one value: from the hint (Optional[X] -> X, and the word
+    'none' gives None), else from the type of the default."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional:
@@ -66,8 +66,8 @@ def _scalar_parser(hint, default):
     if base is bool:
         base = lambda s: s.lower() in ("1", "true", "yes", "y")  # noqa: E731  (a bool inside a list)
     if not optional:
-        return base, False
-    return (lambda s: None if s.lower() == "none" else base(s)), True
+        return base
+    return lambda s: None if s.lower() == "none" else base(s)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentPa
         default = getattr(cfg, f.name)
         hint = hints.get(f.name, f.type)
         flag = "--" + f.name.lower().replace("_", "-")
-        type_name = getattr(hint, "__name__", None) or str(hint)
+        type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         help_text = f.metadata.get("help", type_name)
         help_text = f"{help_text} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
         if hint is bool or isinstance(default, bool):
@@ -88,10 +88,10 @@ def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentPa
         elif isinstance(default, (list, tuple)) or typing.get_origin(hint) in (list, tuple):
             elem_hints = [a for a in typing.get_args(hint) if a is not Ellipsis]
             elem_hint = elem_hints[0] if elem_hints else None
-            convert, _ = _scalar_parser(elem_hint, default[0] if default else None)
+            convert = _scalar_parser(elem_hint, default[0] if default else None)
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, nargs="+", type=convert)
         else:
-            convert, _ = _scalar_parser(hint, default)
+            convert = _scalar_parser(hint, default)
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=convert)
     return parser
 
