@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
-from dataclasses import MISSING, dataclass, field, fields
+import os
+import random
+import sys
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 
@@ -69,6 +77,7 @@ class DiamondConfig:
     obs_size: int = _f(64, "frames are resized to obs_size x obs_size RGB")
     seed: int = _f(0, "seed of torch/numpy/python RNGs and of the environments")
     device: str = _f("auto", "auto | cpu | cuda | mps")
+    sticky_actions: float = _f(0.0, "repeat_action_probability: 0 = Atari 100k protocol, 0.25 = ALE v5")
     # --- denoiser (EDM U-Net) ---
     num_steps_conditioning: int = _f(4, "past frames and actions the denoiser conditions on")
     diffusion_channels: list = _f([64, 64, 64, 64], "U-Net channels per level")
@@ -76,6 +85,7 @@ class DiamondConfig:
     diffusion_attn_depths: list = _f([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
     diffusion_cond_dim: int = _f(256, "width of the noise-level + action conditioning vector")
     num_sampling_steps: int = _f(3, "Euler steps per imagined frame")
+    diffusion_sampler: str = _f("euler", "euler | heun (order 2: 2N-1 network calls per frame)")
     # --- reward / termination model ---
     rew_end_channels: list = _f([32, 32, 32, 32], "encoder channels per level")
     rew_end_depths: list = _f([2, 2, 2, 2], "encoder res-blocks per level")
@@ -142,17 +152,820 @@ class DiamondConfig:
 # environment: Atari preprocessing and vectorised collection  (owner: world-model half)
 # =====================================================================================================
 
+# Official DIAMOND Atari protocol (src/envs/atari_preprocessing.py, config/env/atari.yaml)
+ATARI_NOOP_MAX = 30           # reset: 1..30 random no-ops
+ATARI_FRAME_SKIP = 4          # one agent step = the action repeated on 4 emulator frames
+ATARI_MAX_FRAMES = 108_000    # ALE cap per episode (30 min of play = 27k agent steps), then truncation
+
+
+def _import_ale():
+    import ale_py
+    import gymnasium as gym
+    gym.register_envs(ale_py)  # gymnasium >= 1.0 needs the ALE ids registered explicitly
+    return gym
+
+
+def ale_game_ids() -> list:
+    """Every Atari game id that ale-py ships (its ROMs come with the wheel), e.g. 'ALE/Breakout-v5'."""
+    gym = _import_ale()
+    return sorted(k for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5"))
+
+
+def resolve_game(game: str) -> str:
+    """'Breakout-v5', 'Breakout', 'ALE/Breakout-v5' or 'BreakoutNoFrameskip-v4' -> 'ALE/Breakout-v5'.
+    An unknown game raises ValueError naming the closest ALE games."""
+    ids = ale_game_ids()
+    by_name = {i[4:-3].lower(): i for i in ids}  # 'breakout' -> 'ALE/Breakout-v5'
+    name = game.split("/")[-1]
+    for suffix in ("-v5", "-v4", "NoFrameskip", "Deterministic"):
+        name = name[:-len(suffix)] if name.endswith(suffix) else name
+    if name.lower() in by_name:
+        return by_name[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_name), n=5, cutoff=0.5)
+    raise ValueError(f"--game {game!r} is not an Atari game of ale-py; closest: "
+                     f"{', '.join(by_name[c][4:] for c in close) or 'none'} (all: python -c \"import diamond; "
+                     f"print(diamond.ale_game_ids())\")")
+
+
+class AtariEnv:
+    """One Atari game with the official DIAMOND preprocessing: 1..30 no-op starts, frame skip 4 with the max
+    of the last two RGB screens (Atari sprites flicker), area-average resize to obs_size (pillow BOX = OpenCV
+    INTER_AREA), minimal action set, raw rewards summed over the skip, info["life_loss"]. Sticky actions
+    (repeat_action_probability) are off by default as in Atari 100k; 0.25 gives the ALE v5 protocol.
+    The gymnasium env runs at frameskip=1 and this class does the skip (official: NoFrameskip-v4 ids)."""
+
+    def __init__(self, game: str, obs_size: int = 64, sticky_actions: float = 0.0,
+                 noop_max: int = ATARI_NOOP_MAX, frame_skip: int = ATARI_FRAME_SKIP):
+        gym = _import_ale()
+        self.env = gym.make(resolve_game(game), frameskip=1, repeat_action_probability=sticky_actions,
+                            full_action_space=False, max_num_frames_per_episode=ATARI_MAX_FRAMES, obs_type="ram")
+        self.ale = self.env.unwrapped.ale
+        assert self.env.unwrapped.get_action_meanings()[0] == "NOOP"
+        self.num_actions = int(self.env.action_space.n)
+        self.obs_size, self.noop_max, self.frame_skip = obs_size, noop_max, frame_skip
+        h, w = self.ale.getScreenDims()
+        self.screens = np.zeros((2, h, w, 3), np.uint8)  # the last two emulator frames of a step
+        self.lives = 0
+
+    def reset(self, seed: Optional[int] = None):
+        """-> (obs uint8 (3, S, S), info)."""
+        _, info = self.env.reset(seed=seed)
+        for _ in range(int(self.env.unwrapped.np_random.integers(1, self.noop_max + 1))):
+            _, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                _, info = self.env.reset()
+        self.lives = self.ale.lives()
+        self.ale.getScreenRGB(self.screens[0])
+        self.screens[1].fill(0)
+        return self._obs(), info
+
+    def step(self, action: int):
+        """-> (obs uint8 (3, S, S), raw reward summed over the skipped frames, terminated, truncated, info)."""
+        reward, terminated, truncated, life_loss, info = 0.0, False, False, False, {}
+        for t in range(self.frame_skip):
+            _, r, terminated, truncated, info = self.env.step(action)
+            reward += r
+            if self.ale.lives() < self.lives:
+                life_loss, self.lives = True, self.ale.lives()
+            if terminated or truncated:  # official: keep the previous screens
+                break
+            if t >= self.frame_skip - 2:  # screens of the last two frames: [1] = 3rd, [0] = 4th
+                self.ale.getScreenRGB(self.screens[self.frame_skip - 1 - t])
+        info = dict(info, life_loss=life_loss)
+        return self._obs(), reward, terminated, truncated, info
+
+    def _obs(self) -> np.ndarray:
+        np.maximum(self.screens[0], self.screens[1], out=self.screens[0])  # in place, as officially
+        img = Image.fromarray(self.screens[0]).resize((self.obs_size, self.obs_size), Image.BOX)
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+    def close(self):
+        self.env.close()
+
+
+def frames_to_float(frames) -> torch.Tensor:
+    """uint8 frames (..., C, H, W) -> float32 in [-1, 1] (official u / 255 * 2 - 1)."""
+    return torch.as_tensor(frames).float().div(255).mul(2).sub(1)
+
+
+class AtariVecEnv:
+    """num_envs AtariEnvs stepped in a loop with same-step auto-reset, behind the torch interface of
+    AgentEnvLoop and WorldModelEnv: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info), obs
+    float (B, 3, S, S) in [-1, 1], rew raw float32, end/trunc uint8. For envs that finished this step,
+    info["final_observation"] (n_dead, 3, S, S) is their last frame and the returned obs is already the
+    next episode's. done_on_life_loss (training envs): a lost life is an end, but the game goes on (the next
+    obs is the final observation too). info also holds "frames" (B, 3, S, S) uint8 of the returned obs, "dead"
+    (B,) bool, and "scores": raw returns of the games that ended this step (the score that is reported)."""
+
+    def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
+                 sticky_actions: float = 0.0, seed: int = 0, device="cpu"):
+        self.envs = [AtariEnv(game, obs_size, sticky_actions) for _ in range(num_envs)]
+        self.num_envs, self.num_actions = num_envs, self.envs[0].num_actions
+        self.done_on_life_loss, self.device = done_on_life_loss, torch.device(device)
+        self.rng = random.Random(seed)
+        self.frames = None
+        self.scores = np.zeros(num_envs)  # raw return of each running game (over all its lives)
+
+    def reset(self):
+        s = self.rng.randint(0, 2 ** 31 - 1)  # official: seeds s + i
+        self.frames = np.stack([env.reset(seed=s + i)[0] for i, env in enumerate(self.envs)])
+        self.scores[:] = 0
+        return frames_to_float(self.frames).to(self.device), {"frames": self.frames.copy()}
+
+    def step(self, act):
+        act = torch.as_tensor(act).cpu().numpy()
+        frames, final = self.frames.copy(), []
+        rew, end, trunc, dead = (np.zeros(self.num_envs, t) for t in (np.float32, np.uint8, np.uint8, bool))
+        scores = []
+        for i, env in enumerate(self.envs):
+            frames[i], rew[i], terminated, truncated, info = env.step(int(act[i]))
+            self.scores[i] += rew[i]
+            end[i] = terminated or (self.done_on_life_loss and info["life_loss"])
+            trunc[i] = truncated and not end[i]
+            dead[i] = end[i] or trunc[i]
+            if dead[i]:
+                final.append(frames[i].copy())
+            if terminated or truncated:  # game over: report the score, start a new game
+                scores.append(float(self.scores[i]))
+                self.scores[i] = 0
+                frames[i] = env.reset()[0]
+        self.frames = frames
+        info = {"frames": frames.copy(), "dead": dead, "scores": scores}
+        if dead.any():
+            info["final_observation"] = frames_to_float(np.stack(final)).to(self.device)
+            info["final_frames"] = np.stack(final)
+        to = lambda a: torch.from_numpy(a).to(self.device)
+        return frames_to_float(frames).to(self.device), to(rew), to(end), to(trunc), info
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+class Collector:
+    """Steps an AtariVecEnv with a policy and appends every transition to a ReplayDataset; each env writes
+    into its own open episode, closed (with its final frame) at an end or truncation. The env's running
+    state is kept between calls, so collection resumes where it stopped.
+    policy(obs (B, 3, S, S) float in [-1, 1], first (B,) bool: the env's episode starts here, e.g. to
+    reset an LSTM) -> actions (B,) long; None = uniform random. With prob. epsilon (one draw per step,
+    for all envs, as officially) the step's actions are uniform random instead."""
+
+    def __init__(self, env: AtariVecEnv, dataset: "ReplayDataset", seed: int = 0):
+        self.env, self.dataset = env, dataset
+        self.rng = np.random.default_rng(seed)
+        self.obs = self.first = None
+        self.episode_ids = [None] * env.num_envs
+
+    def collect(self, num_steps: int, policy=None, epsilon: float = 0.0) -> dict:
+        """Collect num_steps transitions (summed over envs; rounded up to whole vector steps). Returns
+        dict(steps, scores: raw returns of the games that ended, episodes: number of dataset episodes closed)."""
+        env, B = self.env, self.env.num_envs
+        if self.obs is None:
+            self.obs, _ = env.reset()
+            self.first = torch.ones(B, dtype=torch.bool)
+        steps, scores, closed = 0, [], 0
+        while steps < num_steps:
+            if policy is None or (epsilon > 0 and self.rng.random() < epsilon):
+                act = torch.from_numpy(self.rng.integers(env.num_actions, size=B))
+            else:
+                act = torch.as_tensor(policy(self.obs, self.first)).long().cpu()
+            frames = env.frames
+            next_obs, rew, end, trunc, info = env.step(act)
+            k = 0
+            for i in range(B):
+                if self.episode_ids[i] is None:
+                    self.episode_ids[i] = self.dataset.new_episode()
+                self.dataset.append(self.episode_ids[i], frames[i], int(act[i]), float(rew[i]), int(end[i]),
+                                    int(trunc[i]))
+                if info["dead"][i]:
+                    self.dataset.close_episode(self.episode_ids[i], info["final_frames"][k])
+                    self.episode_ids[i], k, closed = None, k + 1, closed + 1
+            self.obs, self.first = next_obs, torch.from_numpy(info["dead"].copy())
+            scores += info["scores"]
+            steps += B
+        return {"steps": steps, "scores": scores, "episodes": closed}
+
 # =====================================================================================================
 # replay dataset  (owner: world-model half)
 # =====================================================================================================
+
+class Episode:
+    """One episode in growable uint8/int arrays: obs[t] is the frame seen BEFORE act[t]; rew[t], end[t],
+    trunc[t] belong to the transition (obs[t], act[t], obs[t+1]). final_obs is the frame after the last
+    action (for an episode that ended or was truncated), None while it is still being collected."""
+
+    def __init__(self, frame_shape, capacity: int = 64):
+        self.len = 0
+        self.obs = np.zeros((capacity, *frame_shape), np.uint8)
+        self.act = np.zeros(capacity, np.int64)
+        self.rew = np.zeros(capacity, np.float32)
+        self.end = np.zeros(capacity, np.uint8)
+        self.trunc = np.zeros(capacity, np.uint8)
+        self.final_obs, self.finished, self.saved = None, False, False
+
+    ARRAYS = ("obs", "act", "rew", "end", "trunc")
+
+    def append(self, frame, act, rew, end, trunc):
+        if self.len == len(self.act):  # double the capacity
+            for k in self.ARRAYS:
+                a = getattr(self, k)
+                setattr(self, k, np.concatenate([a, np.zeros_like(a)]))
+        t = self.len
+        self.obs[t], self.act[t], self.rew[t], self.end[t], self.trunc[t] = frame, act, rew, end, trunc
+        self.len += 1
+        self.saved = False
+
+
+class ReplayDataset:
+    """Every real transition collected, as uint8 frames (64x64x3 = 12 KB a frame; 100k frames ~ 1.2 GB),
+    sampled as fixed-length segments with padding masks like the official BatchSampler + Dataset.
+
+    Segment sampling (official): episode ~ P(ep) (sample_weights None or < 4 episodes: proportional to
+    length; else episodes are split chronologically into len(weights) chunks and chunk k gets weight w_k,
+    spread uniformly over its episodes, so [.1, .1, .1, .7] draws 70% from the newest quarter); t ~ U{0..len-1};
+    left padding only: stop = min(len, t + 1 + U{0..L-1}), start = stop - L; both sides:
+    start = t - U{0..L-1}, stop = start + L. Padding frames are 0 (mid-grey), actions 0, mask False.
+
+    save(dir)/load(dir): one .npz per episode (written atomically, finished ones once) plus an index
+    written last, so a kill at any moment leaves the previous complete dataset."""
+
+    def __init__(self, frame_shape=(3, 64, 64)):
+        self.frame_shape = tuple(frame_shape)
+        self.episodes: list = []
+
+    def __len__(self) -> int:
+        return sum(ep.len for ep in self.episodes)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episodes)
+
+    def new_episode(self) -> int:
+        self.episodes.append(Episode(self.frame_shape))
+        return len(self.episodes) - 1
+
+    def append(self, ep_id: int, frame, act: int, rew: float, end: int, trunc: int):
+        assert not self.episodes[ep_id].finished, f"episode {ep_id} is closed"
+        assert frame.shape == self.frame_shape and frame.dtype == np.uint8, (frame.shape, frame.dtype)
+        self.episodes[ep_id].append(frame, act, rew, end, trunc)
+
+    def close_episode(self, ep_id: int, final_frame):
+        ep = self.episodes[ep_id]
+        ep.final_obs, ep.finished, ep.saved = np.asarray(final_frame, np.uint8).copy(), True, False
+
+    def add_episode(self, obs, act, rew, end, trunc, final_obs=None) -> int:
+        """A whole episode at once (tests, imports): obs (T, C, H, W) uint8, the rest (T,)."""
+        i = self.new_episode()
+        for t in range(len(act)):
+            self.append(i, obs[t], act[t], rew[t], end[t], trunc[t])
+        if final_obs is not None:
+            self.close_episode(i, final_obs)
+        return i
+
+    def episode_probs(self, sample_weights=None) -> np.ndarray:
+        lengths = np.array([ep.len for ep in self.episodes], np.float64)
+        n = len(lengths)
+        if sample_weights is None or n < len(sample_weights):
+            return lengths / lengths.sum()
+        k = len(sample_weights)
+        chunk = n // k  # the last chunk takes the remainder
+        p = np.zeros(n)
+        for j, w in enumerate(sample_weights):
+            lo, hi = j * chunk, (n if j == k - 1 else (j + 1) * chunk)
+            p[lo:hi] = w / (hi - lo)
+        return p / p.sum()
+
+    def sample_segments(self, batch_size: int, seq_len: int, pad_right: bool = False, sample_weights=None,
+                        rng: Optional[np.random.Generator] = None) -> dict:
+        """batch_size random segments of seq_len steps: obs (B, L, C, H, W) float in [-1, 1], act (B, L) long,
+        rew (B, L) float, end, trunc (B, L) uint8, mask_padding (B, L) bool, final_obs (B, C, H, W) float
+        (the episode's final frame, zeros when it has none). Left padding only unless pad_right."""
+        rng = rng if rng is not None else np.random.default_rng()
+        ep_ids = rng.choice(len(self.episodes), size=batch_size, p=self.episode_probs(sample_weights))
+        L = seq_len
+        obs = np.zeros((batch_size, L, *self.frame_shape), np.uint8)
+        pad = np.zeros((batch_size, L), bool)  # True = padding (frames filled with float 0 below)
+        out = {k: np.zeros((batch_size, L), d)
+               for k, d in (("act", np.int64), ("rew", np.float32), ("end", np.uint8), ("trunc", np.uint8))}
+        final = np.zeros((batch_size, *self.frame_shape), np.uint8)
+        has_final = np.zeros(batch_size, bool)
+        for b, i in enumerate(ep_ids):
+            ep = self.episodes[i]
+            t = rng.integers(ep.len)
+            if pad_right:
+                start = t - rng.integers(L)
+                stop = start + L
+            else:
+                stop = min(ep.len, t + 1 + rng.integers(L))
+                start = stop - L
+            lo, hi = max(start, 0), min(stop, ep.len)
+            obs[b, lo - start:hi - start] = ep.obs[lo:hi]
+            for k in out:
+                out[k][b, lo - start:hi - start] = getattr(ep, k)[lo:hi]
+            pad[b] = True
+            pad[b, lo - start:hi - start] = False
+            if ep.final_obs is not None:
+                final[b], has_final[b] = ep.final_obs, True
+        x = frames_to_float(obs)
+        x[torch.from_numpy(pad)] = 0.0  # official padding: zeros in [-1, 1] space
+        f = frames_to_float(final) * torch.from_numpy(has_final)[:, None, None, None]
+        batch = {k: torch.from_numpy(v) for k, v in out.items()}
+        return dict(batch, obs=x, mask_padding=torch.from_numpy(~pad), final_obs=f)
+
+    # --- persistence ---------------------------------------------------------------------------------------
+
+    def save(self, folder) -> None:
+        """Write new or changed episodes (each atomically), then the index (atomically, last)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, ep in enumerate(self.episodes):
+            if ep.saved:
+                continue
+            arrays = {k: getattr(ep, k)[:ep.len] for k in Episode.ARRAYS}
+            if ep.final_obs is not None:
+                arrays["final_obs"] = ep.final_obs
+            _atomic_write(folder / f"episode_{i:06d}.npz", lambda f: np.savez(f, **arrays))
+            ep.saved = True
+        index = {"frame_shape": list(self.frame_shape), "lengths": [ep.len for ep in self.episodes],
+                 "finished": [ep.finished for ep in self.episodes]}
+        _atomic_write(folder / "index.json", lambda f: f.write(json.dumps(index).encode()))
+
+    @classmethod
+    def load(cls, folder) -> "ReplayDataset":
+        """The dataset as of the last completed save(). Episodes that were still open become closed-unfinished
+        (no final frame; a resumed collector starts new episodes, as the official code does)."""
+        folder = Path(folder)
+        index = json.loads((folder / "index.json").read_text())
+        ds = cls(tuple(index["frame_shape"]))
+        for i, n in enumerate(index["lengths"]):
+            with np.load(folder / f"episode_{i:06d}.npz") as z:
+                ep = Episode(ds.frame_shape, capacity=max(n, 1))
+                for k in Episode.ARRAYS:
+                    getattr(ep, k)[:n] = z[k][:n]  # an open episode may have grown after the index was written
+                ep.len = n
+                ep.final_obs = z["final_obs"].copy() if "final_obs" in z.files and index["finished"][i] else None
+            ep.finished, ep.saved = True, index["finished"][i]
+            ds.episodes.append(ep)
+        return ds
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file of the same folder, fsync, then os.replace: old or new, never torn."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 # =====================================================================================================
 # world model: denoiser U-Net, EDM denoiser, samplers, reward/end model  (owner: world-model half)
 # =====================================================================================================
 
+# Official eloialonso/diamond constants (config/agent/default.yaml, config/trainer.yaml, models/blocks.py).
+SIGMA_DATA = 0.5           # EDM sigma_data of frames in [-1, 1]
+SIGMA_OFFSET_NOISE = 0.3   # std of the per-channel offset noise; also enters every conditioner
+ATTN_HEAD_DIM = 8          # SelfAttention2d: heads = max(1, C // 8)
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm without affine, then a per-sample scale and shift from the conditioning vector:
+    GN(x) (1 + scale) + shift, [scale, shift] = linear(cond)."""
+
+    def __init__(self, channels: int, cond_channels: int):
+        super().__init__()
+        self.num_groups = max(1, channels // GN_GROUP_SIZE)
+        self.linear = nn.Linear(cond_channels, 2 * channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = F.group_norm(x, self.num_groups, eps=1e-5)
+        scale, shift = self.linear(cond)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + shift
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over the H*W positions. The residual adds to the NORMALISED input
+    (official), so with the zero-initialised out_proj the block starts as a plain GroupNorm."""
+
+    def __init__(self, channels: int, head_dim: int = ATTN_HEAD_DIM):
+        super().__init__()
+        self.n_head = max(1, channels // head_dim)
+        self.norm = _NormWrap(channels)
+        self.qkv_proj = nn.Conv2d(channels, 3 * channels, 1)
+        self.out_proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = self.norm(x)
+        qkv = self.qkv_proj(x).view(n, 3 * self.n_head, c // self.n_head, h * w).transpose(2, 3)
+        q, k, v = qkv.chunk(3, dim=1)  # each (N, heads, H*W, C/heads)
+        y = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1) @ v
+        return x + self.out_proj(y.transpose(2, 3).reshape(n, c, h, w))
+
+
+class ResBlock(nn.Module):
+    """x -> AdaGN -> SiLU -> conv -> AdaGN -> SiLU -> conv (zero-init) + skip, then optional attention."""
+
+    def __init__(self, in_channels: int, out_channels: int, cond_channels: int, attn: bool):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.norm1 = AdaGroupNorm(in_channels, cond_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = AdaGroupNorm(out_channels, cond_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.attn = SelfAttention2d(out_channels) if attn else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as (nearly) the identity
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        r = self.proj(x)
+        x = self.conv1(F.silu(self.norm1(x, cond)))
+        x = self.conv2(F.silu(self.norm2(x, cond)))
+        return self.attn(x + r)
+
+
+class ResBlocks(nn.Module):
+    """A chain of ResBlocks; with `skips`, block j first concatenates skips[j] after its input."""
+
+    def __init__(self, in_list: list, out_list: list, cond_channels: int, attn: bool):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResBlock(i, o, cond_channels, attn) for i, o in zip(in_list, out_list)])
+
+    def forward(self, x, cond, skips=None):
+        outputs = []
+        for j, block in enumerate(self.resblocks):
+            x = block(x if skips is None else torch.cat((x, skips[j]), dim=1), cond)
+            outputs.append(x)
+        return x, outputs
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        nn.init.orthogonal_(self.conv.weight)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The official U-Net: level i has depths[i] down blocks (c_{i-1} -> c_i) and depths[i] + 1 up blocks
+    whose skips are the level's outputs in reverse, ending with the level's (down-sampled) input; two
+    attention blocks in the middle. u_blocks, upsamples are stored deepest level first."""
+
+    def __init__(self, cond_channels: int, depths, channels, attn_depths):
+        super().__init__()
+        assert len(depths) == len(channels) == len(attn_depths)
+        self.num_down = len(channels) - 1
+        d_blocks, u_blocks = [], []
+        for i, n in enumerate(depths):
+            c1, c2 = channels[max(0, i - 1)], channels[i]
+            d_blocks.append(ResBlocks([c1] + [c2] * (n - 1), [c2] * n, cond_channels, bool(attn_depths[i])))
+            u_blocks.append(ResBlocks([2 * c2] * n + [c1 + c2], [c2] * n + [c1], cond_channels, bool(attn_depths[i])))
+        self.d_blocks = nn.ModuleList(d_blocks)
+        self.u_blocks = nn.ModuleList(reversed(u_blocks))
+        self.mid_blocks = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_channels, True)
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]])
+        self.upsamples = nn.ModuleList([nn.Identity()] + [Upsample(c) for c in reversed(channels[:-1])])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2 ** self.num_down  # zero-pad right/bottom to a multiple of 2^(levels-1) (no-op at 64x64)
+        x = F.pad(x, (0, -w % m, 0, -h % m))
+        kept = []
+        for block, down in zip(self.d_blocks, self.downsamples):
+            x_down = down(x)
+            x, outs = block(x_down, cond)
+            kept.append((x_down, *outs))
+        x, _ = self.mid_blocks(x, cond)
+        for block, up, skips in zip(self.u_blocks, self.upsamples, reversed(kept)):
+            x, _ = block(up(x), cond, skips[::-1])
+        return x[..., :h, :w]
+
+
+class FourierFeatures(nn.Module):
+    """[cos(2 pi c w), sin(2 pi c w)] with fixed w ~ N(0, 1): a buffer, saved in the state dict."""
+
+    def __init__(self, cond_channels: int):
+        super().__init__()
+        assert cond_channels % 2 == 0
+        self.register_buffer("weight", torch.randn(1, cond_channels // 2))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * c.unsqueeze(1) @ self.weight
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class DiffusionUNet(nn.Module):
+    """The denoiser network F (official `InnerModel`): noisy next frame + K past frames (channel concat)
+    -> U-Net conditioned on cond = MLP(Fourier(c_noise) + [embeddings of the K past actions])."""
+
+    def __init__(self, num_actions: int, channels=(64, 64, 64, 64), depths=(2, 2, 2, 2),
+                 attn_depths=(0, 0, 0, 0), cond_channels: int = 256, num_steps_conditioning: int = 4,
+                 img_channels: int = 3):
+        super().__init__()
+        assert cond_channels % num_steps_conditioning == 0
+        self.noise_emb = FourierFeatures(cond_channels)
+        self.act_emb = nn.Sequential(nn.Embedding(num_actions, cond_channels // num_steps_conditioning), nn.Flatten())
+        self.cond_proj = nn.Sequential(nn.Linear(cond_channels, cond_channels), nn.SiLU(),
+                                       nn.Linear(cond_channels, cond_channels))
+        self.conv_in = nn.Conv2d((num_steps_conditioning + 1) * img_channels, channels[0], 3, padding=1)
+        self.unet = UNet(cond_channels, list(depths), list(channels), list(attn_depths))
+        self.norm_out = _NormWrap(channels[0])
+        self.conv_out = nn.Conv2d(channels[0], img_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the bias keeps PyTorch's default init (official)
+
+    def forward(self, x_noisy: torch.Tensor, c_noise: torch.Tensor, obs: torch.Tensor, act: torch.Tensor):
+        """x_noisy (B, C, H, W) already scaled by c_in; c_noise (B,); obs (B, K*C, H, W) past frames, oldest
+        first, already divided by sigma_data; act (B, K) long. Returns F (B, C, H, W)."""
+        cond = self.cond_proj(self.noise_emb(c_noise) + self.act_emb(act))  # (B, cond)
+        x = self.unet(self.conv_in(torch.cat((obs, x_noisy), dim=1)), cond)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def quantize_frame(x: torch.Tensor) -> torch.Tensor:
+    """Official quantisation of a denoised frame onto the 256 levels of a uint8 image: clamp, scale to
+    [0, 255], TRUNCATE (a uint8 cast, not rounding), map back to [-1, 1]."""
+    return x.clamp(-1, 1).add(1).div(2).mul(255).byte().div(255).mul(2).sub(1)
+
+
+class EDMPreconditioner(nn.Module):
+    """EDM preconditioning of the next-frame denoiser (official `Denoiser`; Karras et al. 2022, Table 1)
+    with DIAMOND's offset noise: the conditioners use s = sqrt(sigma^2 + sigma_offset^2).
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, obs / sigma_data, act), quantised to uint8 levels."""
+
+    def __init__(self, inner_model: DiffusionUNet, sigma_data: float = SIGMA_DATA,
+                 sigma_offset_noise: float = SIGMA_OFFSET_NOISE, sigma_loc: float = -0.4,
+                 sigma_scale: float = 1.2, sigma_min: float = 2e-3, sigma_max: float = 20.0):
+        super().__init__()
+        self.inner_model = inner_model
+        self.sigma_data, self.sigma_offset_noise = sigma_data, sigma_offset_noise
+        # training noise levels: ln(sigma) ~ N(loc, scale^2), clipped to [sigma_min, sigma_max]
+        self.sigma_loc, self.sigma_scale, self.sigma_min, self.sigma_max = sigma_loc, sigma_scale, sigma_min, sigma_max
+
+    def conditioners(self, sigma: torch.Tensor):
+        """sigma (B,) -> c_in, c_out, c_skip, c_noise, each (B,)."""
+        s = (sigma ** 2 + self.sigma_offset_noise ** 2).sqrt()
+        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
+        c_skip = self.sigma_data ** 2 / (s ** 2 + self.sigma_data ** 2)
+        c_out = s * c_skip.sqrt()
+        c_noise = s.log() / 4
+        return c_in, c_out, c_skip, c_noise
+
+    def forward(self, x_noisy, sigma, prev_obs, prev_act):
+        """Raw network output F and the conditioners. x_noisy (B, C, H, W); sigma (B,);
+        prev_obs (B, K, C, H, W) or (B, K*C, H, W) in [-1, 1]; prev_act (B, K)."""
+        c_in, c_out, c_skip, c_noise = cs = self.conditioners(sigma)
+        prev_obs = prev_obs.flatten(1, 2) if prev_obs.ndim == 5 else prev_obs
+        out = self.inner_model(x_noisy * c_in[:, None, None, None], c_noise, prev_obs / self.sigma_data, prev_act)
+        return out, cs
+
+    @torch.no_grad()
+    def denoise(self, x_noisy, sigma, prev_obs, prev_act) -> torch.Tensor:
+        """The quantised estimate D of the clean next frame (B, C, H, W)."""
+        out, (_, c_out, c_skip, _) = self(x_noisy, sigma, prev_obs, prev_act)
+        return quantize_frame(c_skip[:, None, None, None] * x_noisy + c_out[:, None, None, None] * out)
+
+    def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
+        s = torch.randn(n, device=device, generator=generator) * self.sigma_scale + self.sigma_loc
+        return s.exp().clip(self.sigma_min, self.sigma_max)
+
+    def loss(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, generator=None):
+        """Official training loss on segments of K + n frames: for i < n, predict frame K+i from the K before
+        it (each prediction conditions on the model's own quantised previous prediction). The target of F
+        is (x0 - c_skip x_noisy) / c_out, a plain MSE over unpadded targets; the mean over the n steps.
+        obs (B, T, C, H, W) in [-1, 1]; act (B, T) long; mask (B, T) bool (False = padding).
+        Random draws per step, in order: sigma (B,), offset (B, C, 1, 1), noise (B, C, H, W)."""
+        K = self.inner_model.conv_in.in_channels // obs.size(2) - 1
+        n = obs.size(1) - K
+        assert n >= 1, f"segments need more than {K} frames, got {obs.size(1)}"
+        all_obs = obs.clone()
+        loss = 0.0
+        for i in range(n):
+            x0, m = all_obs[:, K + i], mask[:, K + i]
+            b, c = x0.shape[:2]
+            sigma = self.sample_sigma(b, x0.device, generator)
+            offset = self.sigma_offset_noise * torch.randn(b, c, 1, 1, device=x0.device, generator=generator)
+            x_noisy = x0 + offset + torch.randn(x0.shape, device=x0.device, generator=generator) * sigma[:, None, None, None]
+            out, (_, c_out, c_skip, _) = self(x_noisy, sigma, all_obs[:, i:K + i], act[:, i:K + i])
+            c_out, c_skip = c_out[:, None, None, None], c_skip[:, None, None, None]
+            target = (x0 - c_skip * x_noisy) / c_out
+            loss = loss + F.mse_loss(out[m], target[m])
+            with torch.no_grad():  # the next step conditions on this prediction (no gradient through it)
+                all_obs[:, K + i] = quantize_frame(c_skip * x_noisy + c_out * out)
+        loss = loss / n
+        return loss, {"loss_denoising": loss.item()}
+
+
+Denoiser = EDMPreconditioner  # the official class name
+
+
+def karras_sigmas_diamond(num_steps: int, sigma_min: float, sigma_max: float, rho: float, device=None):
+    """Karras et al. (2022) Eq. 5 noise levels, float32, as the official build_sigmas computes them,
+    then a final 0: (num_steps + 1,)."""
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    ramp = torch.linspace(0, 1, num_steps, device=device)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat((sigmas, sigmas.new_zeros(1)))
+
+
+class EulerSampler:
+    """Next-frame sampler of the official DiffusionSampler: Euler (order 1) or Heun (order 2) on the
+    Karras noise levels, from UNIT Gaussian noise (not scaled by sigma_max, as officially). Every
+    denoiser call quantises D; the final step to sigma = 0 is Euler, so NFE = N (Euler) or 2N - 1 (Heun).
+    s_churn > 0 adds the stochastic "churn" of Karras et al. Algorithm 2 (official default 0)."""
+
+    def __init__(self, denoiser: EDMPreconditioner, num_steps_denoising: int = 3, sigma_min: float = 2e-3,
+                 sigma_max: float = 5.0, rho: float = 7.0, order: int = 1, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
+        self.denoiser, self.order = denoiser, order
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+        self.sigmas = karras_sigmas_diamond(num_steps_denoising, sigma_min, sigma_max, rho)
+
+    @torch.no_grad()
+    def sample(self, prev_obs: torch.Tensor, prev_act: torch.Tensor, generator=None):
+        """prev_obs (B, K, C, H, W) in [-1, 1], prev_act (B, K) -> (next frame (B, C, H, W), trajectory)."""
+        b, _, c, h, w = prev_obs.shape
+        prev_obs = prev_obs.reshape(b, -1, h, w)
+        sigmas = self.sigmas.to(prev_obs.device)
+        ones = torch.ones(b, device=prev_obs.device)
+        gamma_ = min(self.s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
+        x = torch.randn(b, c, h, w, device=prev_obs.device, generator=generator)
+        trajectory = [x]
+        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+            gamma = gamma_ if self.s_tmin <= sigma <= self.s_tmax else 0
+            sigma_hat = sigma * (gamma + 1)
+            if gamma > 0:
+                eps = torch.randn(x.shape, device=x.device, generator=generator) * self.s_noise
+                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+            denoised = self.denoiser.denoise(x, sigma * ones, prev_obs, prev_act)
+            d = (x - denoised) / sigma_hat
+            dt = next_sigma - sigma_hat
+            if self.order == 1 or next_sigma == 0:  # Euler
+                x = x + d * dt
+            else:  # Heun: average the slopes at both ends of the step
+                x_2 = x + d * dt
+                d_2 = (x_2 - self.denoiser.denoise(x_2, next_sigma * ones, prev_obs, prev_act)) / next_sigma
+                x = x + (d + d_2) / 2 * dt
+            trajectory.append(x)
+        return x, trajectory
+
+
+class RewEndEncoder(nn.Module):
+    """Conv encoder of (frame, next frame) with action-conditioned AdaGN: len(depths) levels (down-sampled
+    between levels) then two attention res-blocks at the lowest resolution."""
+
+    def __init__(self, in_channels: int, cond_channels: int, depths, channels, attn_depths):
+        super().__init__()
+        assert len(depths) == len(channels) == len(attn_depths)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        blocks = []
+        for i, n in enumerate(depths):
+            c1, c2 = channels[max(0, i - 1)], channels[i]
+            blocks.append(ResBlocks([c1] + [c2] * (n - 1), [c2] * n, cond_channels, bool(attn_depths[i])))
+        blocks.append(ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_channels, True))
+        self.blocks = nn.ModuleList(blocks)
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]] + [nn.Identity()])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block, down in zip(self.blocks, self.downsamples):
+            x, _ = block(down(x), cond)
+        return x
+
+
+class RewardTerminationModel(nn.Module):
+    """Reward and termination predictor (official `RewEndModel`): per transition (o_t, a_t, o_{t+1}) a conv
+    encoder conditioned on a_t, an LSTM over time, two classification heads: reward sign {-1, 0, +1}
+    (logits[:3]) and end {0, 1} (logits[3:])."""
+
+    def __init__(self, num_actions: int, channels=(32, 32, 32, 32), depths=(2, 2, 2, 2),
+                 attn_depths=(0, 0, 0, 0), cond_channels: int = 128, lstm_dim: int = 512, img_size: int = 64,
+                 img_channels: int = 3):
+        super().__init__()
+        self.encoder = RewEndEncoder(2 * img_channels, cond_channels, list(depths), list(channels), list(attn_depths))
+        self.act_emb = nn.Embedding(num_actions, cond_channels)
+        feat_dim = channels[-1] * (img_size // 2 ** (len(depths) - 1)) ** 2  # (c, 8, 8) flattened at 64x64
+        self.lstm_dim = lstm_dim
+        self.lstm = nn.LSTM(feat_dim, lstm_dim, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
+        init_lstm_weights(self.lstm)
+
+    def predict_rew_end(self, obs, act, next_obs, hx_cx=None):
+        """obs, next_obs (B, T, C, H, W) in [-1, 1]; act (B, T); hx_cx None or (h, c) each (1, B, lstm_dim).
+        Returns logits_rew (B, T, 3), logits_end (B, T, 2), (h, c)."""
+        b, t = obs.shape[:2]
+        x = self.encoder(torch.cat((obs, next_obs), dim=2).flatten(0, 1), self.act_emb(act.flatten()))
+        x, hx_cx = self.lstm(x.reshape(b, t, -1), hx_cx)  # channel-major flatten per step
+        logits = self.head(x)
+        return logits[:, :, :-2], logits[:, :, -2:], hx_cx
+
+    def loss(self, obs, act, rew, end, mask, final_obs=None):
+        """Official loss on segments (B, T+1): transitions t < T, cross-entropy of the reward sign and of
+        the end flag on unpadded steps. A segment with an end uses its episode's true final frame
+        (final_obs (B, C, H, W); only rows with an end are read) as the next frame of the end step
+        instead of the padding. Returns (loss, metrics)."""
+        next_obs = obs[:, 1:].clone()
+        obs, act, rew, end, mask = obs[:, :-1], act[:, :-1], rew[:, :-1], end[:, :-1], mask[:, :-1]
+        dead = end.bool().any(dim=1)
+        if dead.any():
+            next_obs[dead, end[dead].argmax(dim=1)] = final_obs[dead].to(next_obs.dtype)
+        logits_rew, logits_end, _ = self.predict_rew_end(obs, act, next_obs)
+        loss_rew = F.cross_entropy(logits_rew[mask], rew[mask].sign().long().add(1))
+        loss_end = F.cross_entropy(logits_end[mask], end[mask].long())
+        loss = loss_rew + loss_end
+        return loss, {"loss_rew": loss_rew.item(), "loss_end": loss_end.item(), "loss_rew_end": loss.item()}
+
 # =====================================================================================================
 # imagination: WorldModelEnv  (owner: world-model half)
 # =====================================================================================================
+
+class WorldModelEnv:
+    """A batch of imagined Atari games (official envs/world_model_env.py), with the real env's interface:
+    reset() -> (obs (B, C, H, W), info); step(act (B,)) -> (obs, rew (B,), end (B,), trunc (B,), info).
+    Each env starts from a real K-frame context of the replay dataset (left padding only, the agent's
+    sample_weights), with the reward/end LSTM burnt in on its K-1 real transitions. step samples the next
+    frame with the diffusion sampler, then reward and end (sampled from their logits, reward in {-1, 0, 1})
+    with the LSTM state carried; an env ends when `end` is drawn or after `horizon` steps (truncation).
+    Finished envs restart from a new real context at once: info["final_observation"] (n_dead, C, H, W) is
+    their last imagined frame, info["burnin_obs"] (n_dead, K-1, C, H, W) the new context's first frames (for
+    the agent's LSTM), and the returned obs is the new context's last frame."""
+
+    def __init__(self, sampler: EulerSampler, rew_end_model: RewardTerminationModel, dataset: ReplayDataset,
+                 num_envs: int, horizon: int = 15, num_steps_conditioning: int = 4, sample_weights=None,
+                 seed: int = 0, device="cpu"):
+        self.sampler, self.rew_end_model, self.dataset = sampler, rew_end_model, dataset
+        self.num_envs, self.horizon, self.K = num_envs, horizon, num_steps_conditioning
+        self.sample_weights, self.device = sample_weights, torch.device(device)
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.obs_buffer = self.act_buffer = self.ep_len = self.hx_cx = None
+
+    @torch.no_grad()
+    def _contexts(self, n: int):
+        """n real K-frame contexts and the reward/end LSTM state after their K-1 transitions."""
+        seg = self.dataset.sample_segments(n, self.K, pad_right=False, sample_weights=self.sample_weights,
+                                           rng=self.rng)
+        obs, act = seg["obs"].to(self.device), seg["act"].to(self.device)
+        _, _, (h, c) = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
+        return obs, act, h, c
+
+    @torch.no_grad()
+    def reset(self, contexts=None):
+        """contexts: optional (obs (B, K, C, H, W) in [-1, 1], act (B, K)) to start from (e.g. a dream of a
+        given real game); by default random contexts from the dataset."""
+        if contexts is None:
+            obs, act, h, c = self._contexts(self.num_envs)
+        else:
+            obs, act = contexts[0].to(self.device), contexts[1].to(self.device)
+            _, _, (h, c) = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
+        self.obs_buffer, self.act_buffer, self.hx_cx = obs.clone(), act.clone(), (h, c)
+        self.ep_len = torch.zeros(obs.size(0), dtype=torch.long, device=self.device)
+        return self.obs_buffer[:, -1], {}
+
+    def _sample_categorical(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=self.generator).squeeze(1)
+
+    @torch.no_grad()
+    def step(self, act: torch.Tensor):
+        self.act_buffer[:, -1] = act.to(self.device)
+        next_obs, _ = self.sampler.sample(self.obs_buffer, self.act_buffer, generator=self.generator)
+        logits_rew, logits_end, self.hx_cx = self.rew_end_model.predict_rew_end(
+            self.obs_buffer[:, -1:], self.act_buffer[:, -1:], next_obs.unsqueeze(1), self.hx_cx)
+        rew = self._sample_categorical(logits_rew[:, 0]).float() - 1  # classes (-1, 0, +1)
+        end = self._sample_categorical(logits_end[:, 0])
+        self.ep_len += 1
+        trunc = (self.ep_len >= self.horizon).long()
+        self.obs_buffer = self.obs_buffer.roll(-1, dims=1)
+        self.act_buffer = self.act_buffer.roll(-1, dims=1)
+        self.obs_buffer[:, -1] = next_obs
+        dead = torch.logical_or(end.bool(), trunc.bool())
+        info = {}
+        if dead.any():
+            info["final_observation"] = next_obs[dead]
+            obs, act_ctx, h, c = self._contexts(int(dead.sum()))
+            self.obs_buffer[dead], self.act_buffer[dead], self.ep_len[dead] = obs, act_ctx, 0
+            hx, cx = self.hx_cx
+            hx[:, dead], cx[:, dead] = h, c
+            info["burnin_obs"] = obs[:, :-1]
+        return self.obs_buffer[:, -1], rew, end, trunc, info
 
 # =====================================================================================================
 # agent: actor-critic, lambda-returns, loss  (owner: agent half)
@@ -438,6 +1251,376 @@ def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsil
     return dict(returns=returns.tolist(), return_mean=returns.mean().item(), return_max=returns.max().item(),
                 finished=int(done.sum()), steps=steps)
 
+
+class Agent(nn.Module):
+    """The three networks under the official attribute names: Agent.state_dict() has the key layout of an
+    official agent checkpoint (denoiser.*, rew_end_model.*, actor_critic.*)."""
+
+    def __init__(self, cfg: DiamondConfig, num_actions: int):
+        super().__init__()
+        self.denoiser, self.rew_end_model = build_world_model(cfg, num_actions)
+        self.actor_critic = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim,
+                                               cfg.obs_size)
+
+
+def load_official_agent(agent: Agent, path) -> None:
+    """Load an official DIAMOND agent checkpoint (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt)
+    or one of ours: each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and sd.get("kind") == "diamond":  # one of our checkpoints
+        sd = sd["model"]
+    parts = split_agent_state_dict(sd)
+    for name in MODEL_NAMES:
+        if name not in parts:
+            raise ValueError(f"{path}: no '{name}.' keys; an official agent checkpoint has denoiser., "
+                             "rew_end_model. and actor_critic. entries")
+        try:
+            getattr(agent, name).load_state_dict(parts[name], strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: the {name} weights do not fit this configuration (official agents need "
+                             f"--preset large and the game they were trained on): {e}") from None
+
+
+MODEL_NAMES = ("denoiser", "rew_end_model", "actor_critic")
+DENOISER_SEGMENT_EXTRA = 2  # official: num_autoregressive_steps 1 -> segments of K + 2 frames, 2 predictions
+
+
+class LSTMPolicy:
+    """The actor-critic as a Collector policy: keeps the LSTM state of each env, zeroes it where an
+    episode starts (first), samples actions from the logits."""
+
+    def __init__(self, actor_critic: ActorCriticNetwork, generator=None):
+        self.ac, self.generator, self.hx_cx = actor_critic, generator, None
+
+    @torch.no_grad()
+    def __call__(self, obs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        if self.hx_cx is not None:
+            keep = (~first).float().unsqueeze(1).to(obs.device)
+            self.hx_cx = (self.hx_cx[0] * keep, self.hx_cx[1] * keep)
+        logits, _, self.hx_cx = self.ac(obs, self.hx_cx)
+        return torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(1)
+
+
+def _np_rng_state(rng: np.random.Generator) -> str:
+    return json.dumps(rng.bit_generator.state)  # 128-bit ints: kept as text in the checkpoint
+
+
+def _set_np_rng_state(rng: np.random.Generator, state: str) -> None:
+    rng.bit_generator.state = json.loads(state)
+
+
+class Trainer:
+    """The DIAMOND loop (official trainer.py), one epoch at a time:
+        collect real steps with the current policy -> train the denoiser -> train the reward/end model ->
+        train the actor-critic in imagination -> evaluate on the real game (every eval_every) -> checkpoint.
+    run_dir holds what is needed to continue: ckpt.pt (networks, optimisers, warm-up schedulers, epoch and
+    update counters, RNG states) and dataset/ (every real step). `Trainer(cfg, run_dir, resume=True)`
+    continues after the last finished epoch with all data saved so far (the running Atari games are not
+    restored, as officially: collection starts new episodes)."""
+
+    def __init__(self, cfg: DiamondConfig, run_dir, resume: bool = False, world_model_only: bool = False,
+                 log=print):
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self.world_model_only = world_model_only
+        self.device = common.pick_device(cfg.device)
+        common.seed_everything(cfg.seed)
+        self.train_env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
+                                     sticky_actions=cfg.sticky_actions, seed=cfg.seed, device=self.device)
+        self.num_actions = self.train_env.num_actions
+        self.agent = Agent(cfg, self.num_actions).to(self.device)
+        wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay,
+                  actor_critic=cfg.actor_critic_weight_decay)
+        self.opt = {n: make_optimizer(getattr(self.agent, n), cfg.learning_rate, wd[n]) for n in MODEL_NAMES}
+        self.sched = {n: make_warmup(self.opt[n], cfg.warmup_steps) for n in MODEL_NAMES}
+        self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser, rew_end_model=cfg.max_grad_norm_rew_end,
+                                  actor_critic=cfg.max_grad_norm_actor_critic)
+        self.steps = {n: 0 for n in MODEL_NAMES}  # optimiser updates of each model
+        self.epoch = 0
+        self.reward_counts = [0, 0, 0]  # collected transitions with reward sign -1, 0, +1
+        self.gen = {k: torch.Generator().manual_seed(cfg.seed * 7919 + i)  # action sampling, per use
+                    for i, k in enumerate(("collect", "imagine", "eval"))}
+        self.data_rng = np.random.default_rng(cfg.seed)  # segment sampling
+        self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
+        self.ckpt_path, self.dataset_dir = self.run_dir / "ckpt.pt", self.run_dir / "dataset"
+        self.metrics = common.MetricsLog(self.run_dir)
+        self.wm_env = WorldModelEnv(make_sampler(self.agent.denoiser, cfg), self.agent.rew_end_model, self.dataset,
+                                    cfg.imagination_batch_size, cfg.imagination_horizon,
+                                    cfg.num_steps_conditioning, cfg.sample_weights, cfg.seed, self.device)
+        if resume:
+            self.load()
+        self.collector = Collector(self.train_env, self.dataset, seed=cfg.seed + self.epoch)
+        self.policy = LSTMPolicy(self.agent.actor_critic, self.gen["collect"])
+        self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic, 0.0, self.gen["imagine"])
+
+    # ---- checkpoint -------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions,
+                    model=self.agent.state_dict(), ema=None,
+                    opt={n: o.state_dict() for n, o in self.opt.items()},
+                    sched={n: s.state_dict() for n, s in self.sched.items()},
+                    step=sum(self.steps.values()), steps=dict(self.steps), epoch=self.epoch,
+                    env_steps=len(self.dataset), reward_counts=list(self.reward_counts), rng=common.rng_state(),
+                    generators={k: g.get_state() for k, g in self.gen.items()},
+                    data_rng=_np_rng_state(self.data_rng), wm_rng=_np_rng_state(self.wm_env.rng),
+                    wm_generator=self.wm_env.generator.get_state())
+
+    def save(self) -> None:
+        """The data first (new episodes, then its index), then the checkpoint: after a kill at any point the
+        checkpoint never refers to data that is not on disk."""
+        self.dataset.save(self.dataset_dir)
+        common.save_checkpoint(self.ckpt_path, self.state())
+
+    def load(self) -> None:
+        s = common.load_checkpoint(self.ckpt_path, "diamond")
+        if s["num_actions"] != self.num_actions:
+            raise ValueError(f"{self.ckpt_path} was trained with {s['num_actions']} actions; "
+                             f"{self.cfg.game} has {self.num_actions}: a checkpoint of another game?")
+        self.agent.load_state_dict(s["model"])
+        for n in MODEL_NAMES:
+            self.opt[n].load_state_dict(s["opt"][n])
+            self.sched[n].load_state_dict(s["sched"][n])
+        self.steps, self.epoch, self.reward_counts = dict(s["steps"]), s["epoch"], list(s["reward_counts"])
+        for k, g in self.gen.items():
+            g.set_state(s["generators"][k])
+        _set_np_rng_state(self.data_rng, s["data_rng"])
+        _set_np_rng_state(self.wm_env.rng, s["wm_rng"])
+        self.wm_env.generator.set_state(s["wm_generator"])
+        # every step saved so far, also those collected after the checkpoint (a kill mid-epoch)
+        self.dataset = self.wm_env.dataset = ReplayDataset.load(self.dataset_dir)
+        common.set_rng_state(s["rng"])
+
+    # ---- the three kinds of updates ---------------------------------------------------------------------
+    def update(self, name: str, loss: torch.Tensor) -> float:
+        self.steps[name] += 1
+        return optimizer_step(name, loss, getattr(self.agent, name), self.opt[name], self.sched[name],
+                              self.max_grad_norm[name], self.steps[name])
+
+    def world_model_loss(self, name: str):
+        cfg, K = self.cfg, self.cfg.num_steps_conditioning
+        if name == "denoiser":
+            b = self.dataset.sample_segments(cfg.batch_size, K + DENOISER_SEGMENT_EXTRA, pad_right=False,
+                                             sample_weights=cfg.sample_weights, rng=self.data_rng)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"])
+        # reward/end: segments of horizon + K frames, padded on both sides (official)
+        b = self.dataset.sample_segments(cfg.batch_size, cfg.imagination_horizon + K, pad_right=True,
+                                         sample_weights=cfg.sample_weights, rng=self.data_rng)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        return self.agent.rew_end_model.loss(b["obs"], b["act"], b["rew"], b["end"], b["mask_padding"],
+                                             b["final_obs"])
+
+    def train_model(self, name: str, num_steps: int) -> dict:
+        """num_steps updates of one of the three models -> its mean metrics."""
+        self.agent.eval()
+        getattr(self.agent, name).train()
+        sums: dict = {}
+        for _ in range(num_steps):
+            if name == "actor_critic":
+                loss, m = actor_critic_update(self.imagination, self.cfg)
+            else:
+                loss, m = self.world_model_loss(name)
+            m = dict(m, loss=loss.item(), grad_norm=self.update(name, loss))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / max(num_steps, 1) for k, v in sums.items()}
+
+    # ---- real environment -------------------------------------------------------------------------------
+    def collect(self, num_steps: int) -> list:
+        """Real steps with the current policy (epsilon-greedy), appended to the dataset (saved at once).
+        Returns the scores of the games that ended."""
+        self.agent.actor_critic.eval()
+        n0 = len(self.dataset)
+        r = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)
+        # reward signs of the new steps (the open episode grows at the end, later episodes are new)
+        rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]
+        for s in np.sign(rew).astype(int):
+            self.reward_counts[s + 1] += 1
+        self.dataset.save(self.dataset_dir)
+        return r["scores"]
+
+    def collect_initial(self) -> list:
+        """Official: initial_collection_steps with the untrained agent (uniform policy: zero actor head), then
+        100 more at a time until the two rarer reward signs total >= 10, up to initial_collection_max."""
+        cfg = self.cfg
+        scores = self.collect(cfg.initial_collection_steps)
+        while len(self.dataset) < cfg.initial_collection_max and sum(sorted(self.reward_counts)[:2]) < 10:
+            scores += self.collect(min(100, cfg.initial_collection_max - len(self.dataset)))
+        return scores
+
+    def evaluate(self, episodes: int, epsilon: float = 0.0, seed: Optional[int] = None, gif=None) -> dict:
+        """Test episodes on the real game (no life-loss ends, epsilon 0, actions sampled): raw scores, HNS."""
+        env = AtariVecEnv(self.cfg.game, episodes, self.cfg.obs_size, done_on_life_loss=False,
+                          sticky_actions=self.cfg.sticky_actions,
+                          seed=self.cfg.seed + 1_000_003 * (1 + self.epoch) if seed is None else seed,
+                          device=self.device)
+        frames = [] if gif else None
+        self.agent.actor_critic.eval()
+        r = evaluate_policy(self.agent.actor_critic, env, self.cfg.eval_max_steps, epsilon, self.gen["eval"], frames)
+        env.close()
+        r["hns"] = human_normalized_score(self.cfg.game, r["return_mean"])
+        if gif:
+            common.save_gif(frames, gif, fps=15)
+        return r
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, result = self.cfg, {}
+        while self.epoch < cfg.num_epochs:
+            self.epoch += 1
+            t0 = time.time()
+            first = self.steps["denoiser"] == 0  # the long first round of training (also after a resume in it)
+            if len(self.dataset) == 0:
+                scores = self.collect_initial()
+            elif len(self.dataset) < cfg.env_steps:
+                scores = self.collect(min(cfg.env_steps_per_epoch, cfg.env_steps - len(self.dataset)))
+            else:
+                scores = []
+            logs = dict(epoch=self.epoch, env_steps=len(self.dataset), collect_seconds=time.time() - t0)
+            if scores:
+                logs["collect/return_mean"] = float(np.mean(scores))
+            n = dict(denoiser=cfg.denoiser_steps_first_epoch if first else cfg.denoiser_steps_per_epoch,
+                     rew_end_model=cfg.rew_end_steps_first_epoch if first else cfg.rew_end_steps_per_epoch,
+                     actor_critic=cfg.actor_critic_steps_first_epoch if first else cfg.actor_critic_steps_per_epoch)
+            for name in MODEL_NAMES:
+                if name == "actor_critic" and self.world_model_only:
+                    continue
+                t = time.time()
+                logs.update({f"{name}/{k}": v for k, v in self.train_model(name, n[name]).items()})
+                logs[f"{name}/seconds"] = time.time() - t
+            last = self.epoch == cfg.num_epochs
+            if not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last):
+                t = time.time()
+                result = self.evaluate(cfg.final_eval_episodes if last else cfg.eval_episodes)
+                logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"},
+                            **{"eval/seconds": time.time() - t})
+            logs["epoch_seconds"] = time.time() - t0
+            self.save()  # after a non-finite loss we never get here: the last good checkpoint stays
+            self.metrics.log(step=self.epoch, **logs)
+            self.log(self.summary(logs))
+        return result
+
+    def summary(self, logs: dict) -> str:
+        s = f"epoch {logs['epoch']}/{self.cfg.num_epochs} | env steps {logs['env_steps']}"
+        for name, short in (("denoiser", "denoiser"), ("rew_end_model", "rew/end"), ("actor_critic", "actor-critic")):
+            if f"{name}/loss" in logs:
+                s += f" | {short} loss {logs[f'{name}/loss']:.4f}"
+        if "eval/return_mean" in logs:
+            hns = logs.get("eval/hns")
+            s += f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}" + \
+                 (f", HNS {hns:.3f})" if hns is not None else ")")
+        return s + f" | {logs['epoch_seconds']:.0f} s"
+
+# --- dreams (world-model half) ---------------------------------------------------------------------
+
+def build_world_model(cfg: DiamondConfig, num_actions: int) -> tuple:
+    """(EDMPreconditioner, RewardTerminationModel) at cfg's sizes (official defaults at the `large` preset)."""
+    if cfg.obs_size % 2 ** (len(cfg.diffusion_channels) - 1) or cfg.obs_size % 2 ** (len(cfg.rew_end_channels) - 1):
+        raise ValueError(f"--obs-size {cfg.obs_size} must be divisible by 2^(levels-1) of the U-Net "
+                         f"({len(cfg.diffusion_channels)} levels) and of the reward/end encoder")
+    inner = DiffusionUNet(num_actions, cfg.diffusion_channels, cfg.diffusion_depths, cfg.diffusion_attn_depths,
+                          cfg.diffusion_cond_dim, cfg.num_steps_conditioning)
+    rew_end = RewardTerminationModel(num_actions, cfg.rew_end_channels, cfg.rew_end_depths,
+                                     [0] * len(cfg.rew_end_depths), cfg.rew_end_cond_dim, cfg.rew_end_lstm_dim,
+                                     cfg.obs_size)
+    return EDMPreconditioner(inner), rew_end
+
+
+def make_sampler(denoiser: EDMPreconditioner, cfg: DiamondConfig) -> EulerSampler:
+    if cfg.diffusion_sampler not in ("euler", "heun"):
+        raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
+    return EulerSampler(denoiser, cfg.num_sampling_steps, order=1 if cfg.diffusion_sampler == "euler" else 2)
+
+
+def split_agent_state_dict(sd: dict) -> dict:
+    """{'denoiser': ..., 'rew_end_model': ..., 'actor_critic': ...} from a flat agent state dict (official
+    Agent.load: keys are grouped by their first name, which is stripped)."""
+    out = {}
+    for k, v in sd.items():
+        head, _, rest = k.partition(".")
+        out.setdefault(head, {})[rest] = v
+    return out
+
+
+@torch.no_grad()
+def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps_conditioning: int = 4,
+                  policy=None, seed: int = 0) -> dict:
+    """Play the real game (env with one env) for K + steps steps with `policy` (obs (1, C, H, W) -> act (1,);
+    None = uniform random from `seed`), and let the world model imagine the last `steps` frames from the
+    first K real frames with the same actions (open loop: it only ever sees its own frames after the start).
+    Returns real, dream: uint8 (K + steps, C, H, W) (the K context frames are shared) and the per-frame mean
+    absolute error in pixel levels (0..255) of the imagined frames. Stops early if the real game ends."""
+    K = num_steps_conditioning
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset()
+    frames, acts = [info["frames"][0]], []
+    for _ in range(K + steps - 1):
+        a = torch.as_tensor(rng.integers(env.num_actions, size=1)) if policy is None else policy(obs)
+        obs, _, end, trunc, info = env.step(a)
+        acts.append(int(a[0]))
+        if info["dead"][0]:
+            break
+        frames.append(info["frames"][0])
+    acts.append(int(rng.integers(env.num_actions)))  # unused: the action after the last frame
+    real = np.stack(frames)
+    device = next(sampler.denoiser.parameters()).device
+    obs_buf = frames_to_float(real[:K]).unsqueeze(0).to(device)  # (1, K, C, H, W)
+    act_buf = torch.tensor(acts[:K], device=device).unsqueeze(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dream = [f for f in real[:K]]
+    for t in range(K, len(real)):
+        act_buf[0, -1] = acts[t - 1]  # the action taken after frame t-1
+        nxt, _ = sampler.sample(obs_buf, act_buf, generator=gen)
+        obs_buf = torch.cat([obs_buf[:, 1:], nxt.unsqueeze(1)], dim=1)
+        act_buf = torch.cat([act_buf[:, 1:], act_buf[:, -1:]], dim=1)
+        dream.append(common.to_uint8(nxt)[0].cpu().numpy())
+    dream = np.stack(dream)
+    err = np.abs(real[K:].astype(np.float32) - dream[K:].astype(np.float32)).mean(axis=(1, 2, 3))
+    return {"real": real, "dream": dream, "frame_mae": err.tolist()}
+
+
+def save_dream_gif(real: np.ndarray, dream: np.ndarray, path, fps: float = 10, scale: int = 4):
+    """Side-by-side GIF: the real game left, the dream right, a white bar between; (T, C, H, W) uint8 each."""
+    T, C, H, _ = real.shape
+    bar = np.full((T, C, H, 2), 255, np.uint8)
+    frames = np.concatenate([real, bar, dream], axis=3).transpose(0, 2, 3, 1)  # (T, H, 2W+2, C)
+    return common.save_gif(frames, path, fps=fps, scale=scale)
+
+
+def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, device: str = "cpu") -> dict:
+    """`python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif`: the real game and the world
+    model's open-loop continuation side by side, with the policy of the checkpoint if it has one (else
+    random actions), and the per-frame error printed."""
+    state = common.load_checkpoint(ckpt, "diamond")
+    conf = dict(state["config"])
+    cfg = DiamondConfig(preset=conf.pop("preset", "large"), **{k: v for k, v in conf.items() if k in DiamondConfig.__dataclass_fields__})
+    parts = split_agent_state_dict(state["model"])
+    num_actions = parts["denoiser"]["inner_model.act_emb.0.weight"].shape[0]
+    env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=False, sticky_actions=cfg.sticky_actions, seed=seed)
+    if env.num_actions != num_actions:
+        raise ValueError(f"{ckpt} was trained with {num_actions} actions, but {cfg.game} has {env.num_actions}: "
+                         "a checkpoint of another game?")
+    denoiser, _ = build_world_model(cfg, num_actions)
+    denoiser.load_state_dict(parts["denoiser"], strict=True)
+    denoiser.to(device).eval()
+    policy = None
+    if "actor_critic" in parts:
+        ac = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim, cfg.obs_size)
+        ac.load_state_dict(parts["actor_critic"], strict=True)
+        gen, hx_cx = torch.Generator().manual_seed(seed), [None]
+
+        def policy(obs):
+            logits, _, hx_cx[0] = ac(obs, hx_cx[0])
+            return torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(1)
+    r = dream_rollout(make_sampler(denoiser, cfg), env, steps, cfg.num_steps_conditioning, policy, seed)
+    save_dream_gif(r["real"], r["dream"], out)
+    mae = r["frame_mae"]
+    print(f"dream: {len(mae)} imagined frames after {cfg.num_steps_conditioning} real ones -> {out}")
+    print("per-frame mean abs error (0-255): " + " ".join(f"{e:.1f}" for e in mae))
+    if mae:
+        print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")
+    env.close()
+    return r
+
 # =====================================================================================================
 # command line  (owner: agent half)
 # =====================================================================================================
@@ -458,3 +1641,115 @@ def parse_config(argv) -> DiamondConfig:
     """DiamondConfig from command-line flags only (used by tests and scripts)."""
     parser, base = config_parser(argv)
     return common.config_from_args(base, parser.parse_args(argv))
+
+
+def train_command(argv) -> dict:
+    parser, _ = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, and an "
+                                    "actor-critic trained in imagination.")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its ckpt.pt and dataset)")
+    parser.add_argument("--train-world-model-only", action="store_true",
+                        help="train only the denoiser and the reward/end model (on random-policy data)")
+    parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent checkpoint")
+    args = parser.parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        conf = dict(common.load_checkpoint(run_dir / "ckpt.pt", "diamond")["config"])
+        cfg = DiamondConfig(**conf)
+    else:
+        cfg = common.config_from_args(DiamondConfig(preset=args.preset), args)
+        resolve_game(cfg.game)  # an unknown game fails before any work
+        run_dir = common.make_run_dir("diamond", resolve_game(cfg.game)[4:].split("-")[0])
+    print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,
+                      log=lambda s: print(s, flush=True))
+    if args.from_official and not args.resume:
+        load_official_agent(trainer.agent, args.from_official)
+    t0 = time.time()
+    result = trainer.run()
+    if result:
+        hns = result["hns"]
+        print(f"final evaluation, {len(result['returns'])} test episodes: mean return {result['return_mean']:.2f}, "
+              f"max {result['return_max']:.0f}, HNS " + (f"{hns:.3f}" if hns is not None else "n/a") +
+              f" | {time.time() - t0:.0f} s | {run_dir}")
+    if not args.train_world_model_only:
+        try:
+            dream(str(run_dir / "ckpt.pt"), steps=min(60, cfg.eval_max_steps), out=str(run_dir / "dream.gif"),
+                  seed=cfg.seed, device="cpu")
+        except Exception as e:  # a dream is a bonus: never lose a finished run over it
+            print(f"(no dream GIF: {type(e).__name__}: {e})")
+    return result
+
+
+def eval_command(argv) -> dict:
+    """python diamond.py eval --ckpt RUN/ckpt.pt [--episodes 10] [--gif out.gif] [--compare-random]
+    python diamond.py eval --from-official Breakout.pt --game Breakout-v5   (an official agent, large preset)"""
+    p = argparse.ArgumentParser(description="Play the real game with a trained DIAMOND agent.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a checkpoint of this script (RUN_DIR/ckpt.pt)")
+    src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent checkpoint")
+    p.add_argument("--game", help="the game (needed with --from-official; default: the checkpoint's)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--max-steps", type=int, help="cap per episode (default: the config's eval_max_steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test episodes (no-op starts) and actions")
+    p.add_argument("--epsilon", type=float, default=0.0, help="epsilon-greedy actions (1 = random policy)")
+    p.add_argument("--compare-random", action="store_true", help="also play the same episodes at random")
+    p.add_argument("--gif", help="save the first episode as an animated GIF")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.ckpt:
+        cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"])
+    elif not args.game:
+        p.error("--from-official needs --game (e.g. --game Breakout-v5)")
+    else:
+        cfg = DiamondConfig(preset="large")  # the published agents use the paper's networks
+    cfg.game = args.game or cfg.game
+    cfg.device = args.device
+    cfg.eval_max_steps = args.max_steps or cfg.eval_max_steps
+    device = common.pick_device(cfg.device)
+    env = AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=args.seed,
+                      device=device)
+    agent = Agent(cfg, env.num_actions)
+    load_official_agent(agent, args.ckpt or args.from_official)  # strict per part: a wrong game fails here
+    agent.to(device).eval()
+    frames = [] if args.gif else None
+    t0 = time.time()
+    r = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, args.epsilon,
+                        torch.Generator().manual_seed(args.seed), frames)
+    r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
+    cut = args.episodes - r["finished"]
+    print(f"{cfg.game}: {args.episodes} episodes, returns {r['returns']}\nmean {r['return_mean']:.2f}, max "
+          f"{r['return_max']:.0f}, HNS " + (f"{r['hns']:.3f}" if r["hns"] is not None else "n/a") +
+          (f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else "") + f" | {time.time() - t0:.0f} s")
+    if args.gif:
+        common.save_gif(frames, args.gif, fps=15)
+        print(f"wrote {args.gif} ({len(frames)} frames)")
+    if args.compare_random:  # the same episodes: same seeds, so the same no-op starts
+        env = AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=args.seed,
+                          device=device)
+        rr = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, 1.0, torch.Generator().manual_seed(args.seed))
+        print(f"random policy, same episodes: returns {rr['returns']}\nmean {rr['return_mean']:.2f}, "
+              f"max {rr['return_max']:.0f}")
+        r["random"] = rr
+    return r
+
+
+def dream_command(argv) -> dict:
+    p = argparse.ArgumentParser(description="The real game and the world model's dream of it, side by side.")
+    p.add_argument("--ckpt", required=True, help="RUN_DIR/ckpt.pt")
+    p.add_argument("--steps", type=int, default=100, help="imagined steps after the 4 real context frames")
+    p.add_argument("--out", default="dream.gif")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
+
+
+def main(argv=None):
+    """python diamond.py [train|eval|dream] [flags]; without a sub-command: train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "eval", "dream") else "train"
+    return dict(train=train_command, eval=eval_command, dream=dream_command)[command](argv)
+
+
+if __name__ == "__main__":
+    main()
