@@ -64,7 +64,7 @@ class DDPMConfig:
     label_dropout: float = field(default=0.1, metadata={"help": "label -> null label rate (for CFG)"})
     # diffusion
     schedule: str = field(default="linear", metadata={"help": "beta schedule: linear | cosine"})
-    T: int = field(default=1000, metadata={"help": "number of diffusion steps"})
+    timesteps: int = field(default=1000, metadata={"help": "number of diffusion steps T"})
     beta_start: float = field(default=1e-4, metadata={"help": "linear schedule beta_1"})
     beta_end: float = field(default=0.02, metadata={"help": "linear schedule beta_T"})
     pred: str = field(default="eps", metadata={"help": "network target: eps | x0 | v"})
@@ -103,7 +103,7 @@ PRESETS = {
 
 # Which fields define the network and the diffusion: a checkpoint only fits a config that agrees on them.
 MODEL_FIELDS = ("img_size", "ch", "ch_mult", "num_res_blocks", "attn_res", "norm_groups", "class_cond",
-                "schedule", "T", "beta_start", "beta_end", "pred", "dataset")
+                "schedule", "timesteps", "beta_start", "beta_end", "pred", "dataset")
 
 GN_EPS = 1e-6          # GroupNorm epsilon of the official code (diffusers default 1e-5 would differ)
 MAX_PERIOD = 10_000    # sinusoidal embedding period (Transformer, Vaswani et al. 2017)
@@ -124,6 +124,9 @@ def check_config(cfg: DDPMConfig) -> None:
         raise ValueError(f"--schedule {cfg.schedule!r}: use linear or cosine")
     if cfg.pred not in ("eps", "x0", "v"):
         raise ValueError(f"--pred {cfg.pred!r}: use eps, x0 or v")
+    if cfg.eval_every and (cfg.dataset != "shapes" or cfg.img_size != 32):
+        raise ValueError("--eval-every scores samples with the shapes classifier: it needs --dataset shapes, "
+                         "--img-size 32 (use --npz and the ADM evaluator for CIFAR-10 FID)")
     if cfg.sample_sampler not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
 
@@ -369,16 +372,20 @@ class DDPM(nn.Module):
             raise ValueError("--class-cond needs a labelled dataset (num_classes > 0)")
         self.net = UNet(cfg.img_size, 3, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout,
                         cfg.norm_groups, self.num_classes)
-        abar = common.make_alphas_cumprod(cfg.schedule, cfg.T, cfg.beta_start, cfg.beta_end)
-        # float64 table, not saved in checkpoints (it is a pure function of the config).
-        self.register_buffer("alphas_cumprod", abar.to(torch.float64), persistent=False)
+        # float64 table on the CPU (MPS has no float64); a pure function of the config, so never checkpointed.
+        self.alphas_cumprod = common.make_alphas_cumprod(cfg.schedule, cfg.timesteps, cfg.beta_start,
+                                                         cfg.beta_end).to(torch.float64).cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.conv_in.weight.device
 
     def forward(self, x0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L_simple: mean over batch and pixels of (target - net(x_t, t))^2 with t ~ U{0..T-1}. x0: (B, C, H, W)."""
         B = x0.shape[0]
-        t = torch.randint(0, self.cfg.T, (B,), device=x0.device)
+        t = torch.randint(0, self.cfg.timesteps, (B,), device=x0.device)
         eps = torch.randn_like(x0)
-        abar = self.alphas_cumprod[t].float()[:, None, None, None]  # gathered from float64, as the official code
+        abar = self.alphas_cumprod[t.cpu()].float().to(x0.device)[:, None, None, None]  # float64 -> float32
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps  # q(x_t | x_0)
         if self.num_classes:
@@ -400,7 +407,7 @@ class DDPM(nn.Module):
             raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         if guidance and not self.num_classes:
             raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
-        device = self.alphas_cumprod.device
+        device = self.device
         shape = (n, self.net.in_ch, self.cfg.img_size, self.cfg.img_size)
         noise = torch.randn(shape, generator=generator, device=device)
         y_null = None
@@ -535,8 +542,12 @@ def train_step(model: DDPM, opt: torch.optim.Optimizer, x: torch.Tensor, y, cfg:
     return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def save_samples(ema: DDPM, cfg: DDPMConfig, path, seed: int) -> None:
-    g = torch.Generator(device=ema.alphas_cumprod.device).manual_seed(seed)
+    g = torch.Generator(device=ema.device).manual_seed(seed)
     x, _ = ema.sample(cfg.sample_n, sampler=cfg.sample_sampler, steps=cfg.sample_steps, generator=g)
     common.save_image_grid(x.cpu(), path)
 
@@ -544,7 +555,7 @@ def save_samples(ema: DDPM, cfg: DDPMConfig, path, seed: int) -> None:
 def evaluate_model(ema: DDPM, n: int, sampler: str, steps: int, guidance: float, seed: int, batch: int = 250,
                    cache_dir: str = "data") -> dict:
     """Sample n images (labels cycling through the classes when conditional) and score them with common.py."""
-    g = torch.Generator(device=ema.alphas_cumprod.device).manual_seed(seed)
+    g = torch.Generator(device=ema.device).manual_seed(seed)
     images, labels = [], []
     for i in range(0, n, batch):
         m = min(batch, n - i)
@@ -558,8 +569,8 @@ def evaluate_model(ema: DDPM, n: int, sampler: str, steps: int, guidance: float,
 
 def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     check_config(cfg)
-    dist = common.setup_ddp()
-    device = dist.device if dist.world_size > 1 else common.pick_device(cfg.device)
+    dist = common.setup_ddp(cfg.device)
+    device = dist.device
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} DDP ranks")
     ckpt = None
@@ -571,7 +582,7 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     if cfg.class_cond and not data.num_classes:
         raise ValueError(f"--class-cond needs labels, but dataset {cfg.dataset!r} has none")
 
-    common.seed_everything(cfg.seed + dist.rank)
+    common.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = DDPM(cfg, data.num_classes).to(device)
     ema = common.make_ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # betas (0.9, 0.999), eps 1e-8: TF1 defaults
@@ -588,8 +599,8 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
         names = [str(run_dir) if dist.is_main else None]
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
-    net = common.maybe_compile(model, cfg.compile)
-    ddp_model = common.wrap_ddp(net, dist)
+    common.maybe_compile(model.net, cfg.compile)  # in place: state_dict names are unchanged
+    ddp_model = common.wrap_ddp(model, dist)
     log = common.MetricsLog(run_dir) if dist.is_main else None
     if dist.is_main:
         print(f"DDPM U-Net: {num_params(model.net):,} parameters | {cfg.dataset}: {len(data.images)} images | "
@@ -603,22 +614,27 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
             "model": model.net.state_dict(), "ema": ema.net.state_dict(), "opt": opt.state_dict(),
             "step": step, "rng": common.rng_state()})
 
-    progress = common.Progress(cfg.steps, unit="img")
+    progress = common.Progress(cfg.steps, unit="img", start_step=start)
     per_rank = cfg.batch_size // dist.world_size
     model.train()
     for step in range(start, cfg.steps):
         x, y = common.get_batch(data, step, per_rank, cfg.seed, flip=cfg.flip, rank=dist.rank,
                                 world_size=dist.world_size)
         x, y = x.to(device), (y.to(device) if y is not None and cfg.class_cond else None)
+        # t, noise, dropout and label dropout come from the global RNG, re-seeded from (seed, rank, step):
+        # every rank draws its own noise, and a resumed run draws exactly what an uninterrupted one would.
+        torch.manual_seed(step_seed(cfg.seed, dist.rank, step))
         metrics = train_step(model, opt, x, y, cfg, step, ddp_model, device)
         common.ema_update(ema, model, cfg.ema_decay)
         done = step + 1
-        if dist.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            print(progress.line(done, metrics["loss"], cfg.batch_size), flush=True)
-            log.log(step=done, **metrics)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics["loss"] = common.all_reduce_mean(metrics["loss"], dist)  # a collective: every rank calls it
+            if dist.is_main:
+                print(progress.line(done, metrics["loss"], cfg.batch_size), flush=True)
+                log.log(step=done, **metrics)
         if dist.is_main and cfg.sample_every and done % cfg.sample_every == 0:
             save_samples(ema, cfg, run_dir / f"samples_{done:07d}.png", cfg.seed)
-        if dist.is_main and cfg.eval_every and done % cfg.eval_every == 0:
+        if dist.is_main and cfg.eval_every and done % cfg.eval_every == 0:  # shapes only (check_config)
             res = evaluate_model(ema, cfg.eval_n, cfg.sample_sampler, cfg.sample_steps, 0.0, cfg.seed,
                                  cache_dir=cfg.data_root)
             log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
