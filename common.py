@@ -113,13 +113,433 @@ def config_from_args(cfg, args: argparse.Namespace):
 # 2. noise schedules
 # =====================================================================================================
 
+# DDPM (Ho et al. 2020) uses beta_t linear in t; improved DDPM (Nichol & Dhariwal 2021) makes alpha-bar follow a
+# squared cosine so that less of the chain is spent at (near-)pure noise. Tables are float64, as in the official
+# code; samplers gather from them and cast per batch. Index t = 0..T-1 is the paper's t = 1..T.
+
+COSINE_S = 0.008  # Nichol & Dhariwal (2021) eq. 17: offset s keeps beta near t = 0 from being vanishingly small
+MAX_BETA = 0.999  # their clamp on beta, which avoids the singularity of the cosine at t = T
+
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """(T,) float64: beta_t evenly spaced from beta_start to beta_end (DDPM §4; also DiT's schedule)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int = 1000, s: float = COSINE_S, max_beta: float = MAX_BETA) -> torch.Tensor:
+    """(T,) float64: f(u) = cos((u + s) / (1 + s) * pi/2)^2 and beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta),
+    i.e. alpha-bar_t = f((t+1)/T) / f(0) up to the clamp (diffusers' "squaredcos_cap_v2")."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """(T,) float64 alpha-bar_t = prod_{s<=t} (1 - beta_s)."""
+    return torch.cumprod(1 - betas.to(torch.float64), dim=0)
+
+
+def make_alphas_cumprod(schedule: str = "linear", T: int = 1000, beta_start: float = 1e-4,
+                        beta_end: float = 0.02) -> torch.Tensor:
+    """(T,) float64 alpha-bar table for --schedule linear|cosine (beta_start/beta_end only apply to linear)."""
+    if schedule == "linear":
+        return alphas_cumprod(linear_betas(T, beta_start, beta_end))
+    if schedule == "cosine":
+        return alphas_cumprod(cosine_betas(T))
+    raise ValueError(f"--schedule {schedule!r}: use 'linear' or 'cosine'")
+
+
 # =====================================================================================================
 # 3. samplers and guidance
 # =====================================================================================================
 
+# Two views of one forward process (Kingma et al. 2021; Karras et al. 2022 §2), per timestep t with alpha-bar a_t:
+#   VP (what the network sees):      x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+#   VE (what ODE samplers integrate): x = x_t / sqrt(a_t) = x0 + sigma eps,   sigma_t = sqrt((1 - a_t) / a_t)
+# DDPM and DDIM are written in the VP view at integer t. Euler, Heun and DPM-Solver++ are k-diffusion style
+# functions of a denoiser D(x; sigma) -> x0 in the VE view. `Denoiser` is the one adapter that serves both views
+# from any network net(x_t, t, y) predicting eps, x0 or v, with classifier-free guidance built in.
+# Shapes: B batch, C channels, H, W image size; `t` and `sigma` are (B,) tensors.
+
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp")
+PREDICTIONS = ("eps", "x0", "v")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def append_dims(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Append singleton dims until x has n dims: a (B,) coefficient broadcasts against (B, C, H, W)."""
+    return x.reshape(x.shape + (1,) * (n - x.dim()))
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """N(0, I) noise shaped like x, always drawn in float32 on the generator's device and then cast, so one seed
+    gives the same noise whatever the dtype of x (float64 tests reproduce float32 runs)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
+
+
+def abar_to_sigma(abar: torch.Tensor) -> torch.Tensor:
+    """VE noise level of a VP alpha-bar: sigma = sqrt((1 - abar) / abar)."""
+    return ((1 - abar) / abar).sqrt()
+
+
+def sigma_to_abar(sigma: torch.Tensor) -> torch.Tensor:
+    """Inverse of abar_to_sigma: abar = 1 / (1 + sigma^2)."""
+    return 1 / (1 + sigma ** 2)
+
+
+def t_to_sigma(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma at (possibly fractional) timesteps t in [0, T-1]: log sigma interpolated linearly between the two
+    neighbouring table entries (k-diffusion DiscreteSchedule.t_to_sigma). Exact table values at integer t."""
+    log_sigmas = abar_to_sigma(alphas_cumprod).log()                    # (T,) increasing in t
+    t = torch.as_tensor(t, device=log_sigmas.device).to(log_sigmas.dtype).clamp(0, len(log_sigmas) - 1)
+    low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+
+def sigma_to_t(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, quantize: bool = False) -> torch.Tensor:
+    """Timestep of VE noise level sigma, the inverse of t_to_sigma: t = i + w where log sigma lies a fraction w
+    of the way from log sigma_i to log sigma_{i+1}; clamped to [0, T-1] (diffusers' _sigma_to_t, k-diffusion's
+    sigma_to_t). quantize=True rounds to the nearest integer timestep (for nets that only know integer t)."""
+    log_sigmas = abar_to_sigma(alphas_cumprod).log()                    # (T,)
+    log_sigma = torch.as_tensor(sigma, device=log_sigmas.device).to(log_sigmas.dtype).clamp(min=1e-10).log()
+    low = ((log_sigma[..., None] >= log_sigmas).sum(-1) - 1).clamp(0, len(log_sigmas) - 2)  # entry at or below
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    t = low + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+    return t.round() if quantize else t
+
+
+def pred_to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, pred: str):
+    """(x0, eps) from a network prediction `out` at x_t (B, C, H, W) with alpha-bar abar (B,), VP view.
+    With a = sqrt(abar), b = sqrt(1 - abar) and x_t = a x0 + b eps:
+      eps: x0 = (x_t - b eps) / a;  x0: eps = (x_t - a x0) / b;  v = a eps - b x0 (Salimans & Ho 2022):
+      x0 = a x_t - b v, eps = b x_t + a v.  All three are affine in `out` for fixed (x_t, t), so guidance mixes
+    predictions of any kind in the same way."""
+    a = append_dims(abar.sqrt(), x_t.dim()).to(x_t.dtype)
+    b = append_dims((1 - abar).sqrt(), x_t.dim()).to(x_t.dtype)
+    if pred == "eps":
+        return (x_t - b * out) / a, out
+    if pred == "x0":
+        return out, (x_t - a * out) / b
+    if pred == "v":
+        return a * x_t - b * out, b * x_t + a * out
+    raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
+
+
+def cfg_net(net, y: Optional[torch.Tensor], y_null: Optional[torch.Tensor], guidance: float, channels: int):
+    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper: returns f(x_t, t) -> net output with its first
+    `channels` channels (the eps / x0 / v prediction) replaced by (1 + w) out(x, y) - w out(x, y_null).
+    One batched call on [x; x] with labels [y; y_null]. Extra learned-variance channels are left unguided and
+    taken from the conditional half (as DiT's forward_with_cfg). guidance = 0 calls net(x, t, y) once, unbatched."""
+    if guidance == 0:
+        return lambda x, t: net(x, t, y)
+    if y is None or y_null is None:
+        raise ValueError("--guidance needs class labels y and null labels y_null")
+
+    def guided(x, t):
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))   # (2B, C or 2C, H, W)
+        cond, uncond = out.chunk(2)
+        eps = (1 + guidance) * cond[:, :channels] - guidance * uncond[:, :channels]
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+    return guided
+
+
+class Denoiser:
+    """The one interface between a network and every sampler. net(x_t, t, y) is trained on VP inputs x_t at
+    timesteps t in [0, T-1] and predicts `pred` ("eps" | "x0" | "v"), with C extra variance channels when
+    learned_sigma. Two views of it:
+      .predict(x_t, t, abar) -> (x0, eps, v)   VP view at timesteps t (B,) with alpha-bar abar (B,); v is the
+                                               (B, C, H, W) variance interpolation output or None. (DDPM, DDIM)
+      denoiser(x, sigma) -> x0                 VE view, k-diffusion's D(x; sigma): the net gets
+                                               x_t = x / sqrt(1 + sigma^2) and t = sigma_to_t(sigma), which is
+                                               fractional between table entries. (Euler, Heun, DPM-Solver++)
+    NFE: `nfe` counts network calls. A guided evaluation is ONE batched call on 2B images and counts 1 (it costs
+    twice the FLOPs of an unguided one), so NFE is the same with and without guidance."""
+
+    def __init__(self, net, alphas_cumprod: torch.Tensor, *, pred: str = "eps", y: Optional[torch.Tensor] = None,
+                 y_null: Optional[torch.Tensor] = None, guidance: float = 0.0, learned_sigma: bool = False,
+                 quantize_t: bool = False):
+        if pred not in PREDICTIONS:
+            raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
+        self.net, self.pred, self.learned_sigma, self.quantize_t = net, pred, learned_sigma, quantize_t
+        self.y, self.y_null, self.guidance = y, y_null, guidance
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        sigmas = abar_to_sigma(self.alphas_cumprod)
+        self.sigma_min, self.sigma_max = sigmas[0].item(), sigmas[-1].item()   # sigma at t = 0 and t = T-1
+        self.nfe = 0
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, abar: torch.Tensor):
+        B, C = x_t.shape[:2]
+        self.nfe += 1
+        t = t.to(x_t.device, torch.promote_types(x_t.dtype, torch.float32)).expand(B)
+        out = cfg_net(self.net, self.y, self.y_null, self.guidance, C)(x_t, t)
+        expected = (B, 2 * C if self.learned_sigma else C) + tuple(x_t.shape[2:])
+        assert out.shape == expected, f"net output {tuple(out.shape)}, expected {expected} (learned_sigma?)"
+        v = out[:, C:] if self.learned_sigma else None
+        x0, eps = pred_to_x0_eps(out[:, :C], x_t, abar.to(x_t.device).expand(B), self.pred)
+        return x0, eps, v
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).expand(x.shape[0])   # (B,)
+        abar = sigma_to_abar(sigma)
+        t = sigma_to_t(sigma, self.alphas_cumprod.to(x.device), self.quantize_t)
+        x0, _, _ = self.predict(x * append_dims(abar.sqrt(), x.dim()).to(x.dtype), t, abar)
+        return x0
+
+
+def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """(steps,) int64 descending subsequence of 0..T-1 that a few-step sampler visits (diffusers' names):
+      leading:  t = k * (T // steps) for k = steps-1..0 (official DDIM "uniform" skip; 980, 960, ..., 0 for 50)
+      trailing: t = round(T - k * T / steps) - 1 for k = 0..steps-1 (Lin et al. 2023; 999, 979, ..., 19)
+      linspace: round(linspace(0, T-1, steps)) reversed (improved-DDPM/DiT respacing "N"; steps = T gives all)"""
+    if not 1 <= steps <= T:
+        raise ValueError(f"--steps {steps}: must be between 1 and T = {T}")
+    k = torch.arange(steps, dtype=torch.float64)
+    if spacing == "leading":
+        ts = (k * (T // steps)).flip(0)
+    elif spacing == "trailing":
+        ts = (T - k * T / steps).round() - 1
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().flip(0)
+    else:
+        raise ValueError(f"--spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    return ts.long()
+
+
+@torch.no_grad()
+def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance: str = "small",
+                clip_denoised: bool = True, generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+    """Ancestral sampling (DDPM Alg. 2, in the posterior-mean form of the official code) from x = x_T (B, C, H, W)
+    over the descending timesteps `ts` (all T for the paper; a subsequence is improved-DDPM respacing, with betas
+    recomputed from the kept alpha-bars). Per step, with a = alpha-bar here and a' at the next kept step (1 after
+    the last):  beta = 1 - a/a',  beta~ = beta (1 - a') / (1 - a)  (posterior variance),
+      mean = beta sqrt(a') / (1 - a) x0 + (1 - a') sqrt(1 - beta) / (1 - a) x_t,
+      x <- mean + sigma z,  no noise on the last step (t = 0), z drawn from `generator` in step order.
+    variance: "small" sigma^2 = beta~ | "large" sigma^2 = beta | "learned": the net's extra channels v in [-1, 1]
+    interpolate log sigma^2 = (v+1)/2 log beta + (1-v)/2 log beta~ (Nichol & Dhariwal 2021 eq. 15).
+    clip_denoised clamps x0 to [-1, 1] each step (official DDPM code; DiT turns it off)."""
+    if variance not in ("small", "large", "learned"):
+        raise ValueError(f"--variance {variance!r}: use 'small', 'large' or 'learned'")
+    if (variance == "learned") != model.learned_sigma:
+        raise ValueError("variance='learned' needs a net with learned_sigma (2C output channels), and vice versa")
+    abar = model.alphas_cumprod[ts.cpu()]                                   # (N,) float64
+    abar_next = torch.cat([abar[1:], abar.new_ones(1)])
+    beta = 1 - abar / abar_next
+    beta_tilde = beta * (1 - abar_next) / (1 - abar)                        # > 0 except on the last step
+    c_x0 = beta * abar_next.sqrt() / (1 - abar)
+    c_xt = (1 - abar_next) * (1 - beta).sqrt() / (1 - abar)
+    for i, t in enumerate(ts.tolist()):
+        x0, eps, v = model.predict(x, torch.tensor(float(t)), abar[i])
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        x = c_x0[i].item() * x0 + c_xt[i].item() * x
+        if i < len(ts) - 1:
+            if variance == "learned":
+                frac = (v + 1) / 2
+                log_var = frac * beta[i].log().item() + (1 - frac) * beta_tilde[i].log().item()
+            else:
+                log_var = torch.tensor((beta if variance == "large" else beta_tilde)[i].log().item())
+            x = x + (0.5 * log_var).exp().to(x) * randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: float = 0.0, clip_denoised: bool = False,
+                generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) from x = x_T over the descending timesteps `ts`; a' = alpha-bar of the next
+    listed step (1 after the last, i.e. the output is the clean sample):
+      x <- sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,   s = eta sqrt((1 - a') / (1 - a) (1 - a / a')).
+    eta = 0 is the deterministic DDIM; eta = 1 has DDPM's posterior variance on this chain. With eta > 0 noise is
+    drawn on every step, also the last one where s = 0 (as the official code). No x0 clipping by default (the
+    official DDIM code does not clip)."""
+    abar = model.alphas_cumprod[ts.cpu()]
+    abar_next = torch.cat([abar[1:], abar.new_ones(1)])
+    for i, t in enumerate(ts.tolist()):
+        x0, eps, _ = model.predict(x, torch.tensor(float(t)), abar[i])
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        a, a_next = abar[i].item(), abar_next[i].item()
+        s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - s ** 2, 0.0)) * eps
+        if eta > 0:
+            x = x + s * randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator):
+    """Karras et al. (2022) Alg. 2 lines 4-6: raise the noise level to sigma_hat = sigma (1 + gamma) by adding fresh
+    noise, gamma = min(churn / n, sqrt(2) - 1) for sigma in [s_tmin, s_tmax]. Returns (x, sigma_hat)."""
+    gamma = min(churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (1 + gamma)
+    if gamma > 0:
+        x = x + s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) * randn_like(x, generator)
+    return x, sigma_hat
+
+
+@torch.no_grad()
+def sample_euler(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
+                 callback=None) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4 and
+    Alg. 2 without the 2nd-order correction) over sigmas (N+1,) ending in 0, optionally with churn. VE view:
+    x (B, C, H, W) starts at noise level sigmas[0] (the caller scales it); denoise(x, sigma (B,)) -> x0.
+    NFE = N. With churn = 0 this is also DIAMOND's order-1 sampler."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x, sigma_hat = _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator)
+        denoised = denoise(x, x.new_full((x.shape[0],), sigma_hat))
+        d = (x - denoised) / sigma_hat                                       # dx/dsigma
+        x = x + d * (sigma_next - sigma_hat)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
+                callback=None) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2): an Euler step to sigma_{i+1}, then the trapezoidal
+    correction with the slope there. The last step (to sigma = 0) stays Euler, where the correction would divide
+    by zero, so NFE = 2N - 1 (as k-diffusion and DIAMOND's order-2 sampler)."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x, sigma_hat = _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator)
+        d = (x - denoise(x, x.new_full((x.shape[0],), sigma_hat))) / sigma_hat
+        dt = sigma_next - sigma_hat
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoise(x_2, x.new_full((x.shape[0],), sigma_next))) / sigma_next
+            x = x + (d + d_2) / 2 * dt
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in the VE view, with lambda = -log sigma (half log-SNR) and
+    h = lambda_{i+1} - lambda_i:  x <- (sigma_{i+1} / sigma_i) x - expm1(-h) D,  where D is the denoised estimate,
+    extrapolated from the previous one on every step but the first: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
+    r = h_{i-1} / h. The last step to sigma = 0 returns D_i (first order; diffusers' final_sigmas_type="zero")."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, x.new_full((x.shape[0],), sigma))
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
+           pred: str = "eps", y: Optional[torch.Tensor] = None, y_null: Optional[torch.Tensor] = None,
+           guidance: float = 0.0, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+           learned_sigma: bool = False, **options):
+    """Draw samples from a network trained on the discrete VP process with table `alphas_cumprod` (T,).
+    net(x_t, t, y): x_t (B, C, H, W), t (B,) float timesteps in [0, T-1] (fractional for euler/heun), y (B,) long or
+    None -> (B, C, H, W) prediction of `pred`, or (B, 2C, H, W) when learned_sigma. noise: x_T ~ N(0, I)
+    (B, C, H, W); every sampler starts from it (euler/heun at x = sigma_max * noise as EDM and k-diffusion, dpmpp
+    at the exact VP -> VE image sqrt(1 + sigma_max^2) * noise), so one seed gives similar images across samplers.
+    guidance w: eps = (1+w) eps(x, y) - w eps(x, y_null); a callback(i, x) option sees x after each step.
+    Returns (x0 clamped to [-1, 1], nfe); nfe counts network calls, a guided call (batched 2B) counting 1.
+    sampler and its options (unknown options raise TypeError):
+      "ddpm"  steps (respaced when < T; spacing "linspace"), variance "small" | "large" (| "learned", the default
+              with learned_sigma), clip_denoised (True)
+      "ddim"  steps, eta, spacing "leading" | "trailing" | "linspace" (default "leading"), clip_denoised (False)
+      "euler", "heun"  Karras sigmas: rho (7), sigma_min / sigma_max (default: the table's sigma at t = 0 and T-1),
+              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers
+      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"--eta {eta} only applies to --sampler ddim")
+    T = len(alphas_cumprod)
+    model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance,
+                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False))
+    if sampler == "ddpm":
+        ts = timesteps(T, steps, options.pop("spacing", "linspace"))
+        options.setdefault("variance", "learned" if learned_sigma else "small")
+        x = sample_ddpm(model, noise, ts, generator=generator, **options)
+    elif sampler == "ddim":
+        ts = timesteps(T, steps, options.pop("spacing", "leading"))
+        x = sample_ddim(model, noise, ts, eta=eta, generator=generator, **options)
+    elif sampler in ("euler", "heun"):
+        sigma_min = options.pop("sigma_min", None) or model.sigma_min
+        sigma_max = options.pop("sigma_max", None) or model.sigma_max
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max, options.pop("rho", 7.0))
+        step_fn = sample_euler if sampler == "euler" else sample_heun
+        # x_T = sigma_max n as in EDM Alg. 1/2, k-diffusion and diffusers (whose Euler-Karras run the tests match).
+        x = step_fn(model, noise * sigma_max, sigmas, generator=generator, **options)
+    else:  # dpmpp
+        t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        sigmas = torch.cat([t_to_sigma(t, model.alphas_cumprod), torch.zeros(1, dtype=torch.float64)])
+        # DPM-Solver++ is a VP solver started at x_T = noise; in the VE view that is noise * sqrt(1 + sigma_max^2).
+        x = sample_dpmpp_2m(model, noise * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, **options)
+    return x.clamp(-1, 1), model.nfe
+
+
 # =====================================================================================================
 # 4. EDM pieces
 # =====================================================================================================
+
+# EDM (Karras et al. 2022): the network F is wrapped as D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) so its
+# input and training target have unit variance at every noise level (Table 1, "Ours"). DIAMOND (Alonso et al.
+# 2024) trains with offset noise x = x0 + sigma_off eps_c + sigma eps (eps_c one value per channel) and feeds
+# every conditioner the total level s = sqrt(sigma^2 + sigma_off^2), at training and at sampling time alike.
+
+
+def edm_precond(sigma, sigma_data: float = 0.5, sigma_offset_noise: float = 0.0):
+    """(c_in, c_out, c_skip, c_noise), each shaped like sigma, with s = sqrt(sigma^2 + sigma_offset_noise^2)
+    (s = sigma for plain EDM):  c_in = 1 / sqrt(s^2 + sd^2),  c_skip = sd^2 / (s^2 + sd^2),
+    c_out = s sd / sqrt(s^2 + sd^2),  c_noise = ln(s) / 4;  sd = sigma_data."""
+    sigma = torch.as_tensor(sigma)
+    s = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
+    c_in = 1 / (s ** 2 + sigma_data ** 2).sqrt()
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = s * c_skip.sqrt()            # = s sd / sqrt(s^2 + sd^2), written as DIAMOND does (bit-identical)
+    c_noise = s.log() / 4
+    return c_in, c_out, c_skip, c_noise
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype=torch.float64,
+                  device=None) -> torch.Tensor:
+    """(n+1,) noise levels of Karras et al. (2022) eq. 5, sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho)
+    - sigma_max^(1/rho)))^rho for i = 0..n-1 (descending from sigma_max to sigma_min), then sigma_n = 0.
+    rho = 7 spends more steps at low noise. dtype=torch.float32 reproduces DIAMOND's table bit for bit."""
+    ramp = torch.linspace(0, 1, n, dtype=dtype, device=device)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def sample_lognormal_sigma(n: int, loc: float, scale: float, sigma_min: float = 0.0, sigma_max: float = math.inf,
+                           generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """(n,) training noise levels ln sigma ~ N(loc, scale^2), clamped to [sigma_min, sigma_max] (EDM: loc -1.2,
+    scale 1.2, no clamp; DIAMOND: loc -0.4, scale 1.2, [0.002, 20]). One randn(n) draw, as DIAMOND."""
+    device = generator.device if generator is not None else device
+    return (torch.randn(n, generator=generator, device=device) * scale + loc).exp().clamp(sigma_min, sigma_max)
+
 
 # =====================================================================================================
 # 5. runtime: seeding, device, compile, DDP, EMA
