@@ -264,7 +264,8 @@ class Denoiser:
             raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
         self.net, self.pred, self.learned_sigma, self.quantize_t = net, pred, learned_sigma, quantize_t
         self.y, self.y_null, self.guidance = y, y_null, guidance
-        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        # schedule math runs on the CPU in float64 (a 1000-entry table; MPS has no float64); only x lives on device
+        self.alphas_cumprod = alphas_cumprod.detach().cpu().to(torch.float64)
         sigmas = abar_to_sigma(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = sigmas[0].item(), sigmas[-1].item()   # sigma at t = 0 and t = T-1
         self.nfe = 0
@@ -272,19 +273,21 @@ class Denoiser:
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, abar: torch.Tensor):
         B, C = x_t.shape[:2]
         self.nfe += 1
-        t = t.to(x_t.device, torch.promote_types(x_t.dtype, torch.float32)).expand(B)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)              # float32 t, or float64 for float64 x
+        t = t.to(dtype).to(x_t.device).expand(B)
         out = cfg_net(self.net, self.y, self.y_null, self.guidance, C)(x_t, t)
         expected = (B, 2 * C if self.learned_sigma else C) + tuple(x_t.shape[2:])
         assert out.shape == expected, f"net output {tuple(out.shape)}, expected {expected} (learned_sigma?)"
         v = out[:, C:] if self.learned_sigma else None
-        x0, eps = pred_to_x0_eps(out[:, :C], x_t, abar.to(x_t.device).expand(B), self.pred)
+        x0, eps = pred_to_x0_eps(out[:, :C], x_t, abar.to(dtype).to(x_t.device).expand(B), self.pred)
         return x0, eps, v
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).expand(x.shape[0])   # (B,)
+        sigma = torch.as_tensor(sigma).detach().cpu().double().expand(x.shape[0])   # (B,)
         abar = sigma_to_abar(sigma)
-        t = sigma_to_t(sigma, self.alphas_cumprod.to(x.device), self.quantize_t)
-        x0, _, _ = self.predict(x * append_dims(abar.sqrt(), x.dim()).to(x.dtype), t, abar)
+        t = sigma_to_t(sigma, self.alphas_cumprod, self.quantize_t)
+        scale = append_dims(abar.sqrt().to(x.dtype), x.dim()).to(x.device)   # x_t = sqrt(abar) x = x / sqrt(1 + sigma^2)
+        x0, _, _ = self.predict(x * scale, t, abar)
         return x0
 
 
@@ -323,7 +326,7 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
         raise ValueError(f"--variance {variance!r}: use 'small', 'large' or 'learned'")
     if (variance == "learned") != model.learned_sigma:
         raise ValueError("variance='learned' needs a net with learned_sigma (2C output channels), and vice versa")
-    abar = model.alphas_cumprod[ts.cpu()]                                   # (N,) float64
+    abar = model.alphas_cumprod[ts.cpu()]                                   # (N,) float64, CPU
     abar_next = torch.cat([abar[1:], abar.new_ones(1)])
     beta = 1 - abar / abar_next
     beta_tilde = beta * (1 - abar_next) / (1 - abar)                        # > 0 except on the last step
@@ -336,11 +339,11 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
         x = c_x0[i].item() * x0 + c_xt[i].item() * x
         if i < len(ts) - 1:
             if variance == "learned":
-                frac = (v + 1) / 2
-                log_var = frac * beta[i].log().item() + (1 - frac) * beta_tilde[i].log().item()
+                frac = (v + 1) / 2                                          # (B, C, H, W)
+                std = (0.5 * (frac * math.log(beta[i]) + (1 - frac) * math.log(beta_tilde[i]))).exp()
             else:
-                log_var = torch.tensor((beta if variance == "large" else beta_tilde)[i].log().item())
-            x = x + (0.5 * log_var).exp().to(x) * randn_like(x, generator)
+                std = math.sqrt((beta if variance == "large" else beta_tilde)[i])
+            x = x + std * randn_like(x, generator)
         if callback is not None:
             callback(i, x)
     return x

@@ -481,7 +481,7 @@ def test_lognormal_sigma():
     u = common.sample_lognormal_sigma(100_000, -0.4, 1.2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(c, u.clamp(0.002, 20.0))
     frac_high = (u > 20).double().mean().item()                                        # P(z > (ln 20 + .4)/1.2)
-    assert abs(frac_high - 0.5 * math.erfc((math.log(20) + 0.4) / 1.2 / math.sqrt(2))) < 3e-4
+    assert abs(frac_high - 0.5 * math.erfc((math.log(20) + 0.4) / 1.2 / math.sqrt(2))) < 5e-4  # ~3 standard errors
 
 
 def test_edm_samplers_with_a_denoise_fn():
