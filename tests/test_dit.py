@@ -1,0 +1,300 @@
+"""Tests for dit.py: official-weight parity, the four adaLN variants, config API, training, sampling, resume.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_dit.py
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import dit  # noqa: E402
+from dit import DiT, DiTConfig, get_dit_config  # noqa: E402
+
+GOLDEN = torch.load(ROOT / "tests" / "golden" / "dit_small.pt", weights_only=True)
+
+# Flags of a micro model: same code paths as the real one, seconds on one core.
+MICRO = ["--preset", "tiny", "--width", "32", "--depth", "1", "--heads", "2", "--patch", "8", "--batch", "8",
+         "--log-every", "1", "--sample-n", "10", "--sample-steps", "2", "--guidance", "1.0"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and data/ go to the temporary folder
+    return tmp_path
+
+
+def golden_model(dtype=torch.float32) -> DiT:
+    c = GOLDEN["config"]
+    model = DiT(c["input_size"], c["patch_size"], c["in_channels"], c["hidden_size"], c["depth"], c["num_heads"],
+                class_dropout_prob=c["class_dropout_prob"], num_classes=c["num_classes"], learn_sigma=c["learn_sigma"])
+    model.load_state_dict(GOLDEN["state_dict"], strict=True)
+    return model.to(dtype).eval()
+
+
+def micro_model(adaln="adaln-zero", **kw) -> DiT:
+    return DiT(16, 4, 3, 32, 2, 2, num_classes=10, adaln=adaln, **kw)
+
+
+# -----------------------------------------------------------------------------------------------------
+# parity with the official facebookresearch/DiT models.py
+# -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_parity_float32():
+    out = golden_model()(GOLDEN["x"], GOLDEN["t"], GOLDEN["y"])
+    assert out.shape == GOLDEN["out"].shape
+    assert (out - GOLDEN["out"]).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_parity_float64():
+    # fp64 weights and activations; the timestep sinusoid stays float32 as in the official code
+    out = golden_model(torch.float64)(GOLDEN["x"].double(), GOLDEN["t"], GOLDEN["y"])
+    assert out.dtype == torch.float64
+    assert (out - GOLDEN["out_fp64"]).abs().max().item() < 1e-10
+
+
+@torch.no_grad()
+def test_parity_forward_with_cfg():
+    for dtype, key, tol in ((torch.float32, "out_cfg", 1e-5), (torch.float64, "out_cfg_fp64", 1e-10)):
+        out = golden_model(dtype).forward_with_cfg(GOLDEN["cfg_x"].to(dtype), GOLDEN["cfg_t"], GOLDEN["cfg_y"],
+                                                   GOLDEN["cfg_scale"])
+        assert (out - GOLDEN[key]).abs().max().item() < tol, key
+
+
+@torch.no_grad()
+def test_guided_wrapper_equals_official_cfg():
+    """Our sampling wrapper (eps = (1+w) eps_c - w eps_u, variance = conditional pass's) reproduces the
+    official forward_with_cfg with s = 1 + w on its first half."""
+    model = golden_model(torch.float64)
+    n = len(GOLDEN["cfg_x"]) // 2
+    x, t, y = GOLDEN["cfg_x"][:n].double(), GOLDEN["cfg_t"][:n], GOLDEN["cfg_y"][:n]
+    out = dit.guided(model, GOLDEN["cfg_scale"] - 1, keep_variance=True)(x, t, y)
+    assert (out - GOLDEN["out_cfg_fp64"][:n]).abs().max().item() < 1e-10
+    assert torch.equal(dit.guided(model, 0.0, keep_variance=False)(x, t, y), model(x, t, y)[:, :3])
+
+
+def test_state_dict_keys_and_counts_match_official():
+    assert set(golden_model().state_dict()) == set(GOLDEN["state_dict"])
+    for k, v in golden_model().state_dict().items():
+        assert v.shape == GOLDEN["state_dict"][k].shape, k
+    with torch.device("meta"):  # the target config of the facts sheet (72 keys)
+        sigma = DiT(32, 4, 3, 384, 6, 6, num_classes=10, learn_sigma=True)
+        plain = DiT(32, 4, 3, 384, 6, 6, num_classes=10, learn_sigma=False)
+    assert len(sigma.state_dict()) == 72
+    assert dit.num_params(sigma) == 16_586_592 and dit.num_params(sigma, trainable=True) == 16_562_016
+    assert dit.num_params(plain) == 16_568_112
+    assert not sigma.pos_embed.requires_grad
+
+
+def test_pos_embed_is_official_sincos():
+    assert torch.equal(golden_model().pos_embed, GOLDEN["pos_embed_sincos"])
+    assert torch.equal(DiT(16, 4, 3, 64, 1, 4).pos_embed, GOLDEN["pos_embed_sincos"])
+
+
+# -----------------------------------------------------------------------------------------------------
+# adaLN variants
+# -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_fresh_adaln_zero_outputs_exactly_zero_and_blocks_are_identity():
+    torch.manual_seed(0)
+    model = micro_model()
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
+    assert torch.equal(model(x, t, y), torch.zeros(3, 3, 16, 16))
+    h, c = torch.randn(3, 16, 32), torch.randn(3, 32)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)  # zero shift, scale and gate: h + 0 * branch
+
+
+def test_adaln_single_has_far_fewer_params():
+    counts = {}
+    with torch.device("meta"):
+        for v in dit.ADALN_VARIANTS:
+            counts[v] = dit.num_params(dit.build_model(get_dit_config(ADALN=v), 10), trainable=True)
+    # facts sheet, target config, learn_sigma=False
+    assert counts["adaln-zero"] == 16_543_536 and counts["adaln"] == 14_769_456
+    assert counts["adaln-single"] < 0.75 * counts["adaln-zero"]
+    assert counts["adaln-diagonal"] == counts["adaln"] + 6 * 2 * 384
+    assert "adaln-single" in dit.param_table(get_dit_config(), 10)
+
+
+@pytest.mark.parametrize("variant", dit.ADALN_VARIANTS)
+def test_each_variant_trains(variant):
+    """40 AdamW steps on 16x16 shapes lower the loss on a fixed held-out batch."""
+    torch.manual_seed(0)
+    model = micro_model(variant)
+    cfg = get_dit_config(ADALN=variant, LR=2e-3, IMG_SIZE=16, WIDTH=32, DEPTH=2, HEADS=2)
+    diffusion = dit.Diffusion()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.LR, weight_decay=0)
+    imgs, labels = common.make_shapes(320, seed=3, size=16)
+    x_all = imgs.float() / 127.5 - 1
+    x_eval, y_eval = x_all[:64], labels[:64]
+
+    def eval_loss():
+        with torch.no_grad():
+            return diffusion.loss(model, x_eval, y_eval, generator=torch.Generator().manual_seed(1))[0].item()
+
+    before = eval_loss()
+    for step in range(40):
+        i = 64 + (step * 16) % 256
+        dit.train_step(model, opt, diffusion, x_all[i:i + 16], labels[i:i + 16], cfg,
+                       torch.Generator().manual_seed(step))
+    after = eval_loss()
+    assert after < 0.7 * before, (variant, before, after)
+
+
+# -----------------------------------------------------------------------------------------------------
+# diffusion loss (--learn-sigma)
+# -----------------------------------------------------------------------------------------------------
+
+def test_vlb_is_zero_for_the_true_posterior():
+    """With eps_hat = the true noise and v = -1 (variance = beta_tilde_t), p(x_{t-1}|x_t) IS the posterior."""
+    d = dit.Diffusion()
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 10, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    vb = d.vlb_terms(x0, x_t, t, noise, -torch.ones_like(x0))
+    assert vb.abs().max().item() < 1e-8
+    vb_off = d.vlb_terms(x0, x_t, t, noise, torch.ones_like(x0))  # variance beta_t instead: KL > 0
+    assert (vb_off > 0).all()
+
+
+def test_learn_sigma_vlb_gradient_reaches_only_variance_channels():
+    d = dit.Diffusion()
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    out = torch.randn(4, 6, 8, 8, requires_grad=True)
+    net = lambda x, t, y: out * 1.0  # noqa: E731
+    loss_sig, m = d.loss(net, x0, learn_sigma=True, generator=torch.Generator().manual_seed(0))
+    (g_sig,) = torch.autograd.grad(loss_sig, out)
+    loss_mse, _ = d.loss(net, x0, learn_sigma=False, generator=torch.Generator().manual_seed(0))
+    (g_mse,) = torch.autograd.grad(loss_mse, out)
+    assert torch.allclose(g_sig[:, :3], g_mse[:, :3])     # eps channels: MSE gradient only (stop-grad)
+    assert g_sig[:, 3:].abs().sum() > 0 and m["vb"] > 0    # variance channels learn from L_vlb
+    assert torch.allclose(loss_sig, loss_mse + m["vb"])
+
+
+# -----------------------------------------------------------------------------------------------------
+# configuration API and command line
+# -----------------------------------------------------------------------------------------------------
+
+def test_config_defaults_and_issue_example():
+    cfg = DiTConfig()
+    assert (cfg.IMG_SIZE, cfg.PATCH, cfg.WIDTH, cfg.DEPTH, cfg.HEADS, cfg.BATCH, cfg.EPOCHS, cfg.TIMESTEPS,
+            cfg.BETA_START, cfg.BETA_END) == (32, 4, 384, 6, 6, 128, 100, 1000, 1e-4, 0.02)
+    cfg = get_dit_config(DATASET="CIFAR10", BATCH=128, EPOCHS=100, IMG_SIZE=32, WIDTH=384, DEPTH=6)
+    assert cfg.DATASET == "cifar10" and cfg == DiTConfig()
+    s4 = get_dit_config(MODEL="DiT-S/4")
+    assert (s4.DEPTH, s4.WIDTH, s4.HEADS, s4.PATCH) == (12, 384, 6, 4)
+    assert len(dit.DIT_MODELS) == 12 and dit.DIT_MODELS["DiT-XL/2"] == dict(DEPTH=28, WIDTH=1152, HEADS=16, PATCH=2)
+    tiny = get_dit_config(PRESET="tiny", WIDTH=64)
+    assert tiny.DATASET == "shapes" and tiny.WIDTH == 64 and tiny.PRESET == "tiny"
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown field 'width'.*did you mean 'WIDTH'"):
+        get_dit_config(width=256)
+    with pytest.raises(ValueError, match="unknown field 'FOO'"):
+        get_dit_config(FOO=1)
+    with pytest.raises(ValueError, match="--img-size 30 must be divisible by --patch 4"):
+        get_dit_config(IMG_SIZE=30)
+    with pytest.raises(ValueError, match="--width 100 must be divisible by --heads 6"):
+        get_dit_config(WIDTH=100)
+    with pytest.raises(ValueError, match="--model DiT-S/4 contradicts --width 512"):
+        get_dit_config(MODEL="DiT-S/4", WIDTH=512)
+    with pytest.raises(ValueError, match="--adaln 'film'.*adaln-zero, adaln, adaln-single, adaln-diagonal"):
+        get_dit_config(ADALN="film")
+    with pytest.raises(ValueError, match="--model 'DiT-S/3'"):
+        get_dit_config(MODEL="DiT-S/3")
+    with pytest.raises(ValueError, match="--dataset 'mnist'"):
+        get_dit_config(DATASET="mnist")
+    with pytest.raises(ValueError, match="--guidance needs the null label"):
+        get_dit_config(UNCOND=True, GUIDANCE=2.0)
+
+
+def test_cli_flags_are_generated_from_fields():
+    parser = common.add_config_args(argparse.ArgumentParser(), DiTConfig())
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    for f in dataclasses.fields(DiTConfig):
+        assert "--" + f.name.lower().replace("_", "-") in flags
+    cfg, resume = dit.parse_train_args(["--width", "64", "--heads", "4", "--adaln", "adaln-single", "--learn-sigma",
+                                        "--dataset", "SHAPES"])
+    assert (cfg.WIDTH, cfg.HEADS, cfg.ADALN, cfg.LEARN_SIGMA, cfg.DATASET, resume) == (
+        64, 4, "adaln-single", True, "shapes", None)
+    cfg, _ = dit.parse_train_args(["--model", "DiT-B/8", "--preset", "tiny"])
+    assert (cfg.WIDTH, cfg.DEPTH, cfg.HEADS, cfg.PATCH, cfg.DATASET) == (768, 12, 12, 8, "shapes")
+    with pytest.raises(ValueError, match="contradicts --depth 3"):
+        dit.parse_train_args(["--model", "DiT-B/8", "--depth", "3"])
+
+
+# -----------------------------------------------------------------------------------------------------
+# end to end: train -> checkpoint -> sample / evaluate; resume; errors
+# -----------------------------------------------------------------------------------------------------
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_train_sample_and_resume_exactly(in_tmp):
+    full = dit.train(*dit.parse_train_args(MICRO + ["--steps", "6", "--ckpt-every", "3"]))
+    part = dit.train(*dit.parse_train_args(MICRO + ["--steps", "3"]))
+    grid = part / "samples_0000003.png"
+    assert grid.exists() and full != part
+    resumed = dit.train(*dit.parse_train_args(["--resume", str(part), "--steps", "6"]))
+    assert resumed == part
+    a, b = losses(full), losses(part)
+    assert set(a) == set(b) == set(range(1, 7))
+    assert all(a[s] == b[s] for s in a), (a, b)  # the same loss sequence, bit for bit
+    ck_a, ck_b = (common.load_checkpoint(r / "ckpt.pt", "dit") for r in (full, part))
+    for k in ck_a["ema"]:
+        assert torch.equal(ck_a["ema"][k], ck_b["ema"][k]), k
+    with pytest.raises(common.CheckpointError, match="--width 32 \\(checkpoint\\) vs 64"):
+        dit.train(*dit.parse_train_args(["--resume", str(part), "--width", "64", "--heads", "2"]))
+
+    # sampling from the checkpoint: a class-conditional grid (one row per class) and an npz
+    out = in_tmp / "grid.png"
+    dit.main(["sample", "--ckpt", str(full), "--sampler", "ddim", "--steps", "3", "--guidance", "2", "--n", "20",
+              "--out", str(out), "--npz", "12", "--batch-size", "8"])
+    from PIL import Image
+    assert Image.open(out).size == (2 * 34 + 2, 10 * 34 + 2)  # 2 per row, 10 rows of 32px + 2px padding
+    npz = np.load(out.with_suffix(".npz"))
+    assert npz["arr_0"].shape == (12, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [i % 10 for i in range(12)]
+    one = in_tmp / "three.png"
+    for sampler in ("ddpm", "euler"):
+        dit.main(["sample", "--ckpt", str(full), "--sampler", sampler, "--steps", "2", "--class", "3", "--n", "4",
+                  "--out", str(one)])
+        assert one.exists()
+    with pytest.raises(ValueError, match="--class must be in 0..9"):
+        dit.main(["sample", "--ckpt", str(full), "--class", "12", "--steps", "2", "--n", "2", "--out", str(one)])
+
+
+def test_learn_sigma_uncond_train_and_ddpm_sampling(in_tmp):
+    run = dit.train(*dit.parse_train_args(MICRO + ["--steps", "2", "--learn-sigma", "--uncond", "--guidance", "0",
+                                                   "--sample-sampler", "ddpm", "--adaln", "adaln-single"]))
+    model, cfg, _ = dit.load_model(run)
+    assert model.out_channels == 6 and model.num_classes == 0 and cfg.ADALN == "adaln-single"
+    assert "vb" in json.loads(open(run / "metrics.jsonl").readline())
+    with pytest.raises(ValueError, match="--guidance needs a class-conditional model"):
+        dit.main(["sample", "--ckpt", str(run), "--guidance", "1", "--steps", "2", "--out", str(in_tmp / "x.png")])
+    with pytest.raises(ValueError, match="--class needs a class-conditional model"):
+        dit.main(["sample", "--ckpt", str(run), "--class", "1", "--steps", "2", "--out", str(in_tmp / "x.png")])
+
+
+def test_foreign_or_missing_checkpoint_is_refused(in_tmp):
+    common.save_checkpoint(in_tmp / "ddpm.pt", {"kind": "ddpm", "config": {}})
+    with pytest.raises(common.CheckpointError, match="'ddpm' checkpoint, but a 'dit' checkpoint"):
+        dit.load_model(in_tmp / "ddpm.pt")
+    with pytest.raises(common.CheckpointError, match="no checkpoint file"):
+        dit.main(["sample", "--ckpt", str(in_tmp / "nothing.pt"), "--out", str(in_tmp / "x.png")])
