@@ -286,7 +286,7 @@ class Denoiser:
         sigma = torch.as_tensor(sigma).detach().cpu().double().expand(x.shape[0])   # (B,)
         abar = sigma_to_abar(sigma)
         t = sigma_to_t(sigma, self.alphas_cumprod, self.quantize_t)
-        scale = append_dims(abar.sqrt().to(x.dtype), x.dim()).to(x.device)   # x_t = sqrt(abar) x = x / sqrt(1 + sigma^2)
+        scale = append_dims(abar.sqrt().to(x.dtype), x.dim()).to(x.device)   # x_t = x / sqrt(1 + sigma^2)
         x0, _, _ = self.predict(x * scale, t, abar)
         return x0
 
