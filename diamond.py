@@ -54,8 +54,8 @@ PRESETS: dict[str, dict] = {
                  initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=4,
                  denoiser_steps_first_epoch=150, rew_end_steps_first_epoch=150,
                  actor_critic_steps_first_epoch=40, denoiser_steps_per_epoch=60, rew_end_steps_per_epoch=60,
-                 actor_critic_steps_per_epoch=20, batch_size=16, imagination_batch_size=16,
-                 imagination_horizon=15, eval_every=2, eval_episodes=4, final_eval_episodes=4,
+                 actor_critic_steps_per_epoch=20, batch_size=16, imagination_batch_size=8,
+                 learning_rate=5e-4, warmup_steps=20, eval_every=2, eval_episodes=8, final_eval_episodes=8,
                  eval_max_steps=1000),
 }
 
@@ -136,7 +136,7 @@ class DiamondConfig:
             object.__setattr__(self, f.name, value)
         object.__setattr__(self, "preset", preset)
         for name, value in {**PRESETS[preset], **overrides}.items():
-            setattr(self, name, value)
+            setattr(self, name, list(value) if isinstance(value, list) else value)  # never alias PRESETS' lists
 
     def __setattr__(self, name, value):
         if name not in self.__dataclass_fields__:
@@ -719,13 +719,9 @@ class EDMPreconditioner(nn.Module):
         self.sigma_loc, self.sigma_scale, self.sigma_min, self.sigma_max = sigma_loc, sigma_scale, sigma_min, sigma_max
 
     def conditioners(self, sigma: torch.Tensor):
-        """sigma (B,) -> c_in, c_out, c_skip, c_noise, each (B,)."""
-        s = (sigma ** 2 + self.sigma_offset_noise ** 2).sqrt()
-        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
-        c_skip = self.sigma_data ** 2 / (s ** 2 + self.sigma_data ** 2)
-        c_out = s * c_skip.sqrt()
-        c_noise = s.log() / 4
-        return c_in, c_out, c_skip, c_noise
+        """sigma (B,) -> c_in, c_out, c_skip, c_noise, each (B,), with s = sqrt(sigma^2 + sigma_offset^2):
+        c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_noise = ln(s) / 4."""
+        return common.edm_precond(sigma, self.sigma_data, self.sigma_offset_noise)
 
     def forward(self, x_noisy, sigma, prev_obs, prev_act):
         """Raw network output F and the conditioners. x_noisy (B, C, H, W); sigma (B,);
@@ -742,8 +738,8 @@ class EDMPreconditioner(nn.Module):
         return quantize_frame(c_skip[:, None, None, None] * x_noisy + c_out[:, None, None, None] * out)
 
     def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
-        s = torch.randn(n, device=device, generator=generator) * self.sigma_scale + self.sigma_loc
-        return s.exp().clip(self.sigma_min, self.sigma_max)
+        return common.sample_lognormal_sigma(n, self.sigma_loc, self.sigma_scale, self.sigma_min, self.sigma_max,
+                                             generator=generator, device=device)
 
     def loss(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, generator=None):
         """Official training loss on segments of K + n frames: for i < n, predict frame K+i from the K before
@@ -775,20 +771,13 @@ class EDMPreconditioner(nn.Module):
 Denoiser = EDMPreconditioner  # the official class name
 
 
-def karras_sigmas_diamond(num_steps: int, sigma_min: float, sigma_max: float, rho: float, device=None):
-    """Karras et al. (2022) Eq. 5 noise levels, float32, as the official build_sigmas computes them,
-    then a final 0: (num_steps + 1,)."""
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    ramp = torch.linspace(0, 1, num_steps, device=device)
-    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-    return torch.cat((sigmas, sigmas.new_zeros(1)))
-
-
 class EulerSampler:
     """Next-frame sampler of the official DiffusionSampler: Euler (order 1) or Heun (order 2) on the
     Karras noise levels, from UNIT Gaussian noise (not scaled by sigma_max, as officially). Every
     denoiser call quantises D; the final step to sigma = 0 is Euler, so NFE = N (Euler) or 2N - 1 (Heun).
-    s_churn > 0 adds the stochastic "churn" of Karras et al. Algorithm 2 (official default 0)."""
+    The steps are common.sample_euler / sample_heun. s_churn > 0 adds the stochastic "churn" of Karras et al.
+    Algorithm 2 (official default 0); with churn, common's samplers give D the raised level sigma_hat as
+    Karras et al. do, where the official code passes sigma_i."""
 
     def __init__(self, denoiser: EDMPreconditioner, num_steps_denoising: int = 3, sigma_min: float = 2e-3,
                  sigma_max: float = 5.0, rho: float = 7.0, order: int = 1, s_churn: float = 0.0,
@@ -797,34 +786,20 @@ class EulerSampler:
             raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
         self.denoiser, self.order = denoiser, order
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
-        self.sigmas = karras_sigmas_diamond(num_steps_denoising, sigma_min, sigma_max, rho)
+        # float32, as the official build_sigmas: N=3 gives [4.9999986, 0.28308171, 0.0019999975, 0]
+        self.sigmas = common.karras_sigmas(num_steps_denoising, sigma_min, sigma_max, rho, dtype=torch.float32)
 
     @torch.no_grad()
     def sample(self, prev_obs: torch.Tensor, prev_act: torch.Tensor, generator=None):
         """prev_obs (B, K, C, H, W) in [-1, 1], prev_act (B, K) -> (next frame (B, C, H, W), trajectory)."""
         b, _, c, h, w = prev_obs.shape
         prev_obs = prev_obs.reshape(b, -1, h, w)
-        sigmas = self.sigmas.to(prev_obs.device)
-        ones = torch.ones(b, device=prev_obs.device)
-        gamma_ = min(self.s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
-        x = torch.randn(b, c, h, w, device=prev_obs.device, generator=generator)
+        x = torch.randn(b, c, h, w, device=prev_obs.device, generator=generator)  # unit variance (official)
         trajectory = [x]
-        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
-            gamma = gamma_ if self.s_tmin <= sigma <= self.s_tmax else 0
-            sigma_hat = sigma * (gamma + 1)
-            if gamma > 0:
-                eps = torch.randn(x.shape, device=x.device, generator=generator) * self.s_noise
-                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-            denoised = self.denoiser.denoise(x, sigma * ones, prev_obs, prev_act)
-            d = (x - denoised) / sigma_hat
-            dt = next_sigma - sigma_hat
-            if self.order == 1 or next_sigma == 0:  # Euler
-                x = x + d * dt
-            else:  # Heun: average the slopes at both ends of the step
-                x_2 = x + d * dt
-                d_2 = (x_2 - self.denoiser.denoise(x_2, next_sigma * ones, prev_obs, prev_act)) / next_sigma
-                x = x + (d + d_2) / 2 * dt
-            trajectory.append(x)
+        step = common.sample_euler if self.order == 1 else common.sample_heun
+        x = step(lambda x_, sigma: self.denoiser.denoise(x_, sigma, prev_obs, prev_act), x,
+                 self.sigmas.to(prev_obs.device), churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax,
+                 s_noise=self.s_noise, generator=generator, callback=lambda i, x_: trajectory.append(x_))
         return x, trajectory
 
 
