@@ -331,6 +331,7 @@ class Collector:
                 act = torch.as_tensor(policy(self.obs, self.first)).long().cpu()
             frames = env.frames
             next_obs, rew, end, trunc, info = env.step(act)
+            rew, end, trunc = rew.cpu().numpy(), end.cpu().numpy(), trunc.cpu().numpy()  # one copy, not B syncs
             k = 0
             for i in range(B):
                 if self.episode_ids[i] is None:

@@ -376,3 +376,39 @@ def test_dream_gif_from_checkpoint(tmp_path, capsys):
     common.save_checkpoint(tmp_path / "pong.pt", {"kind": "diamond", "config": cfg_pong, "model": sd})
     with pytest.raises(ValueError, match="another game"):
         diamond.dream(str(tmp_path / "pong.pt"), steps=2, out=str(tmp_path / "x.gif"))
+
+
+def test_collector_policy_hook_and_episode_boundaries():
+    env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=1)
+    ds = diamond.ReplayDataset((3, 32, 32))
+    seen = []
+
+    def policy(obs, first):  # env 0 cycles FIRE, RIGHT, LEFT (loses lives); env 1 always NOOP
+        seen.append((obs.clone(), first.clone()))
+        return torch.tensor([len(seen) % 3 + 1, 0])
+
+    col = diamond.Collector(env, ds, seed=0)
+    col.collect(300, policy)
+    assert len(seen) == 150 and bool(seen[0][1].all())
+    # each env's episodes, in order, hold exactly the frames and actions it saw; `first` marks their starts
+    for i in range(2):
+        mine = [ep for ep in ds.episodes if (ep.act[:ep.len] == 0).all() == (i == 1)]  # chronological
+        frames = torch.stack([o[i] for o, _ in seen])
+        starts = [t for t, (_, f) in enumerate(seen) if f[i]]
+        assert sum(ep.len for ep in mine) == 150 and len(mine) == len(starts)
+        lives_lost = 0
+        for ep, t0 in zip(mine, starts):
+            assert torch.equal(diamond.frames_to_float(ep.obs[:ep.len]), frames[t0:t0 + ep.len])
+            assert ep.act[:ep.len].tolist() == [(t + 1) % 3 + 1 if i == 0 else 0 for t in range(t0, t0 + ep.len)]
+            if ep.finished:  # closed at an end (a lost life) with its final frame
+                lives_lost += 1
+                assert ep.end[ep.len - 1] == 1 and t0 + ep.len < 150
+                if lives_lost % 5:  # the game goes on: the final frame is the next obs the agent sees
+                    assert torch.equal(diamond.frames_to_float(ep.final_obs), frames[t0 + ep.len])
+                else:  # the 5th life: game over, the next obs is a new game's first frame
+                    assert not torch.equal(diamond.frames_to_float(ep.final_obs), frames[t0 + ep.len])
+    assert len(starts) == 1 and sum(ep.finished for ep in ds.episodes) >= 1  # env 1 never launched the ball
+    # epsilon = 1: the policy is never asked
+    seen.clear()
+    col.collect(10, policy, epsilon=1.0)
+    assert not seen
