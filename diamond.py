@@ -254,7 +254,9 @@ class AtariVecEnv:
     float (B, 3, S, S) in [-1, 1], rew raw float32, end/trunc uint8. For envs that finished this step,
     info["final_observation"] (n_dead, 3, S, S) is their last frame and the returned obs is already the
     next episode's. done_on_life_loss (training envs): a lost life is an end, but the game goes on (the next
-    obs is the final observation too). info also holds "frames" (B, 3, S, S) uint8 of the returned obs, "dead"
+    obs is the final observation too). At game over the final observation is the game's last frame; the
+    official DoneOnLifeLoss overwrites it there with the new game's first frame (the last life is a life loss
+    too), which we do not copy. info also holds "frames" (B, 3, S, S) uint8 of the returned obs, "dead"
     (B,) bool, and "scores": raw returns of the games that ended this step (the score that is reported)."""
 
     def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
