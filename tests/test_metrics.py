@@ -1,6 +1,6 @@
 """Tests of common.py section 9: Frechet distance, precision/recall, the shapes classifier, evaluate_samples.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_metrics.py   (one classifier training, ~10 s)
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_metrics.py   (one classifier training: ~12 s CPU)
 """
 import math
 
