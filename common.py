@@ -1250,7 +1250,7 @@ class Progress:
 #   - precision / recall of Kynkaanniemi et al. (2019), from k-NN balls around feature vectors,
 # and its logits give the class accuracy of class-conditional samples. Each `shapes` class has its own
 # colour, so the classifier is trained on recoloured images to read the class from the shape; its
-# features are then fairly colour-blind too (held-out real images: FD 0.26; the same with R,G,B
+# features are then fairly colour-blind too (N=500 held-out real images: FD 0.26; with R,G,B
 # channels swapped: FD 0.84; blurred: 10; two classes only: 65; uniform noise: 100).
 # FD and the k-NN metrics are biased in the number of samples: compare at the same N and classifier key.
 # For real FID on CIFAR-10, write samples with `--npz` and use the ADM evaluator (see README).
