@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +214,116 @@ def test_nonfinite_loss_stops_with_module_and_step():
     with pytest.raises(diamond.NonFiniteLossError, match="rew_end loss .* at rew_end step 7"):
         diamond.optimizer_step("rew_end", net(torch.tensor([[float("nan"), 1.0]])).sum(), net, opt, sched, 1.0, 7)
     assert torch.equal(before, net.weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop on real Breakout: end to end, resume after a kill, NaN guard
+# ---------------------------------------------------------------------------------------------------
+
+def micro_config(**overrides):
+    """The tiny preset with test-only step counts (a few seconds on 2 cores)."""
+    steps = dict(initial_collection_steps=120, initial_collection_max=120, env_steps_per_epoch=40, num_epochs=2,
+                 denoiser_steps_first_epoch=3, rew_end_steps_first_epoch=3, actor_critic_steps_first_epoch=2,
+                 denoiser_steps_per_epoch=2, rew_end_steps_per_epoch=2, actor_critic_steps_per_epoch=1,
+                 batch_size=4, imagination_batch_size=2, imagination_horizon=6, eval_every=1, eval_episodes=2,
+                 final_eval_episodes=2, eval_max_steps=40, device="cpu")
+    return diamond.DiamondConfig(preset="tiny", **{**steps, **overrides})
+
+
+def read_metrics(run_dir):
+    import json
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
+    """collect -> world model -> reward model -> imagination RL -> evaluation, through the command line."""
+    import time
+    monkeypatch.chdir(tmp_path)
+    cfg = micro_config()
+    argv = ["--preset", "tiny"]
+    for k in ("initial_collection_steps", "initial_collection_max", "env_steps_per_epoch", "num_epochs",
+              "denoiser_steps_first_epoch", "rew_end_steps_first_epoch", "actor_critic_steps_first_epoch",
+              "denoiser_steps_per_epoch", "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch", "batch_size",
+              "imagination_batch_size", "imagination_horizon", "eval_episodes", "final_eval_episodes",
+              "eval_max_steps", "eval_every", "device"):
+        argv += ["--" + k.replace("_", "-"), str(getattr(cfg, k))]
+    t0 = time.process_time()  # CPU time: stable when other jobs share the cores
+    result = diamond.main(argv)
+    assert time.process_time() - t0 < 20
+    run_dir = next((tmp_path / "runs").iterdir())
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["env_steps"] == 120 and rows[1]["env_steps"] == 160
+    for r in rows:
+        for k in ("denoiser/loss", "rew_end_model/loss", "actor_critic/loss", "actor_critic/loss_values",
+                  "eval/return_mean", "eval/return_max"):
+            assert k in r and r[k] == r[k], k  # present and not NaN
+        assert r["eval/hns"] == pytest.approx(diamond.human_normalized_score("Breakout", r["eval/return_mean"]))
+    assert len(result["returns"]) == 2
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "final evaluation" in out and "HNS" in out
+    state = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert state["kind"] == "diamond" and state["epoch"] == 2
+    assert state["steps"] == {"denoiser": 5, "rew_end_model": 5, "actor_critic": 3}
+    assert {k.split(".")[0] for k in state["model"]} == {"denoiser", "rew_end_model", "actor_critic"}
+    # the checkpoint is an agent checkpoint in the official layout: eval loads it like an official one
+    r = diamond.main(["eval", "--ckpt", str(run_dir / "ckpt.pt"), "--episodes", "2", "--max-steps", "20",
+                      "--device", "cpu", "--compare-random"])
+    assert len(r["returns"]) == 2 and len(r["random"]["returns"]) == 2
+
+
+def test_resume_after_kill_keeps_data_and_counters(tmp_path, monkeypatch):
+    cfg = micro_config(num_epochs=3, eval_every=10)
+    trainer = diamond.Trainer(cfg, tmp_path, log=lambda s: None)
+    original = diamond.Trainer.train_model
+
+    def killed_in_epoch_2(self, name, n):
+        if self.epoch == 2 and name == "rew_end_model":
+            raise KeyboardInterrupt  # as if killed after epoch 2's collection and denoiser updates
+        return original(self, name, n)
+
+    monkeypatch.setattr(diamond.Trainer, "train_model", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.setattr(diamond.Trainer, "train_model", original)
+    collected = len(trainer.dataset)
+    assert collected == 160  # 120 + epoch 2's 40, already on disk
+    frames_before = np.concatenate([ep.obs[:ep.len] for ep in trainer.dataset.episodes])
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["epoch"] == 1
+
+    resumed = diamond.Trainer(cfg, tmp_path, resume=True, log=lambda s: None)
+    assert resumed.epoch == 1 and resumed.steps == saved["steps"]
+    assert len(resumed.dataset) == collected  # nothing collected is lost
+    for n in diamond.MODEL_NAMES:
+        assert resumed.sched[n].last_epoch == saved["steps"][n]  # warm-up position
+        assert resumed.opt[n].state_dict()["state"][0]["step"] == saved["steps"][n]
+    for k, v in resumed.agent.state_dict().items():
+        assert torch.equal(v, saved["model"][k])
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    resumed.run()
+    assert resumed.epoch == 3
+    assert len(resumed.dataset) == collected + 2 * 40
+    frames_after = np.concatenate([ep.obs[:ep.len] for ep in resumed.dataset.episodes])
+    assert np.array_equal(frames_after[:collected], frames_before)
+    final = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert final["epoch"] == 3 and final["steps"]["denoiser"] == saved["steps"]["denoiser"] + 2 * 2
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = micro_config(num_epochs=2, eval_every=10)
+    trainer = diamond.Trainer(cfg, tmp_path, log=lambda s: None)
+    original = diamond.Trainer.world_model_loss
+
+    def nan_in_epoch_2(self, name):
+        loss, m = original(self, name)
+        return (loss * float("nan"), m) if self.epoch == 2 and name == "rew_end_model" else (loss, m)
+
+    monkeypatch.setattr(diamond.Trainer, "world_model_loss", nan_in_epoch_2)
+    good = (tmp_path / "ckpt.pt")
+    with pytest.raises(diamond.NonFiniteLossError, match=r"rew_end_model loss \(nan\) at rew_end_model step 4"):
+        trainer.run()
+    state = torch.load(good, weights_only=True)
+    assert state["epoch"] == 1  # epoch 2 never saved over it
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
