@@ -1,6 +1,17 @@
 """diamond.py — DIAMOND: diffusion world models for Atari (Alonso et al. 2024, arXiv:2405.12399).
 
-(docstring to be completed: idea, usage lines)
+The agent never learns from the real game directly: real steps only train a world model, an EDM diffusion
+model of the next frame given the last 4 frames and actions (plus a reward/end model), and the actor-critic
+is trained purely on imagined rollouts sampled from it. Networks carry the official eloialonso/diamond
+parameter names, so its published Atari agents load (`--from-official`).
+
+    python diamond.py --game Breakout-v5 --preset tiny           # the whole loop on 2 CPU cores, minutes
+    python diamond.py --game Breakout-v5 --preset large          # the paper's configuration (Atari 100k, GPU)
+    python diamond.py --game Pong --preset small --num-sampling-steps 5
+    python diamond.py --resume runs/diamond-Breakout-...         # continue after a kill
+    python diamond.py eval --ckpt RUN/ckpt.pt --episodes 10 --compare-random [--gif play.gif]
+    python diamond.py eval --from-official Breakout.pt --game Breakout-v5
+    python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif
 """
 from __future__ import annotations
 

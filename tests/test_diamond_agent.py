@@ -327,3 +327,27 @@ def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     state = torch.load(good, weights_only=True)
     assert state["epoch"] == 1  # epoch 2 never saved over it
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_from_official_loads_every_part_strictly(golden, tmp_path):
+    """An official agent checkpoint (flat keys denoiser.* / rew_end_model.* / actor_critic.*) at the golden
+    file's tiny sizes loads into Agent part by part, strictly; a wrong action count fails clearly."""
+    sds = golden["state_dicts"]
+    flat = {f"{part}.{k}": v for part in diamond.MODEL_NAMES for k, v in sds[part].items()}
+    assert set(flat) == set(golden["agent_state_dict_keys"])  # the full official agent key list
+    torch.save(flat, tmp_path / "Breakout.pt")
+    c = golden["configs"]
+    cfg = diamond.DiamondConfig(preset="large", diffusion_channels=c["denoiser"]["inner_model"]["channels"],
+                                diffusion_depths=c["denoiser"]["inner_model"]["depths"],
+                                diffusion_cond_dim=c["denoiser"]["inner_model"]["cond_channels"],
+                                rew_end_channels=c["rew_end_model"]["channels"], rew_end_depths=c["rew_end_model"]["depths"],
+                                rew_end_cond_dim=c["rew_end_model"]["cond_channels"],
+                                rew_end_lstm_dim=c["rew_end_model"]["lstm_dim"],
+                                actor_critic_channels=c["actor_critic"]["channels"],
+                                actor_critic_lstm_dim=c["actor_critic"]["lstm_dim"])
+    agent = diamond.Agent(cfg, 4)
+    diamond.load_official_agent(agent, tmp_path / "Breakout.pt")
+    for k, v in agent.state_dict().items():
+        assert torch.equal(v, flat[k]), k
+    with pytest.raises(ValueError, match="do not fit"):
+        diamond.load_official_agent(diamond.Agent(cfg, 6), tmp_path / "Breakout.pt")
