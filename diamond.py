@@ -1337,6 +1337,7 @@ class Trainer:
                                     cfg.num_steps_conditioning, cfg.sample_weights, cfg.seed, self.device)
         if resume:
             self.load()
+            self.train_env.rng.seed(cfg.seed + 7919 * self.epoch)  # new games, not a replay of the first ones
         self.collector = Collector(self.train_env, self.dataset, seed=cfg.seed + self.epoch)
         self.policy = LSTMPolicy(self.agent.actor_critic, self.gen["collect"])
         self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic, 0.0, self.gen["imagine"])
