@@ -351,3 +351,10 @@ def test_from_official_loads_every_part_strictly(golden, tmp_path):
         assert torch.equal(v, flat[k]), k
     with pytest.raises(ValueError, match="do not fit"):
         diamond.load_official_agent(diamond.Agent(cfg, 6), tmp_path / "Breakout.pt")
+
+
+def test_large_preset_is_the_official_agent():
+    """large = the paper's networks: parameter counts of the official Agent (A = 4: 13,536,456 in all)."""
+    agent = diamond.Agent(diamond.DiamondConfig(preset="large"), 4)
+    count = {n: sum(p.numel() for p in getattr(agent, n).parameters()) for n in diamond.MODEL_NAMES}
+    assert count == {"denoiser": 4_405_955, "rew_end_model": 5_900_864, "actor_critic": 3_229_637}
