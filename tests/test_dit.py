@@ -116,6 +116,43 @@ def test_fresh_adaln_zero_outputs_exactly_zero_and_blocks_are_identity():
         assert torch.equal(block(h, c), h)  # zero shift, scale and gate: h + 0 * branch
 
 
+def test_fused_adaln_ops_have_exact_gradients():
+    """Modulate / GatedAdd (the speed-ups) against autograd of the plain formulas, and gradcheck, in float64."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    shift, scale, gate = (torch.randn(2, 1, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    diag = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(dit.Modulate.apply, (x, shift, scale))
+    assert torch.autograd.gradcheck(dit.GatedAdd.apply, (x, gate, y))
+    assert torch.autograd.gradcheck(dit.GatedAdd.apply, (x, diag, y))
+    for block_variant in dit.ADALN_VARIANTS:  # a whole block vs the unfused official formulas
+        torch.manual_seed(1)
+        block = dit.DiTBlock(8, 2, adaln=block_variant).double()
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        h = torch.randn(2, 5, 8, dtype=torch.float64)
+        c = torch.randn(2, 48 if block_variant == "adaln-single" else 8, dtype=torch.float64)
+
+        def plain(h):
+            mod = (c.view(2, 6, 8) + block.scale_shift_table if block_variant == "adaln-single"
+                   else block.adaLN_modulation(c).view(2, -1, 8))
+            rows = list(mod.unsqueeze(1).unbind(2))
+            if block_variant in ("adaln", "adaln-diagonal"):
+                g1, g2 = block.layer_scale if block_variant == "adaln-diagonal" else (1.0, 1.0)
+                rows = rows[:2] + [g1] + rows[2:] + [g2]
+            s1, sc1, g1, s2, sc2, g2 = rows
+            h = h + g1 * block.attn(block.norm1(h) * (1 + sc1) + s1)
+            return h + g2 * block.mlp(block.norm2(h) * (1 + sc2) + s2)
+
+        grads = []
+        for fn in (lambda h: block(h, c), plain):
+            block.zero_grad()
+            fn(h).square().sum().backward()
+            grads.append([p.grad.clone() for p in block.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), block_variant
+
+
 def test_adaln_single_has_far_fewer_params():
     counts = {}
     with torch.device("meta"):
