@@ -85,8 +85,9 @@ class DDPMConfig:
     ckpt_every: int = field(default=10_000, metadata={"help": "atomic checkpoint every N steps (and at the end)"})
     sample_every: int = field(default=10_000, metadata={"help": "EMA sample grid every N steps (0: only at end)"})
     sample_n: int = field(default=64, metadata={"help": "images in the sample grid"})
-    sample_sampler: str = field(default="ddim", metadata={"help": "sampler for in-training grids"})
-    sample_steps: int = field(default=50, metadata={"help": "sampler steps for in-training grids"})
+    sample_sampler: str = field(default="ddpm", metadata={"help": "sampler for in-training grids (ddpm: the "
+                                                                 "paper's ancestral sampler, clips x0)"})
+    sample_steps: int = field(default=100, metadata={"help": "sampler steps for in-training grids"})
     eval_every: int = field(default=0, metadata={"help": "shapes metrics every N steps (0: off)"})
     eval_n: int = field(default=500, metadata={"help": "samples per in-training evaluation"})
 
@@ -95,10 +96,9 @@ PRESETS = {
     # Ho et al. (2020) CIFAR-10: exactly the defaults above.
     "cifar10": DDPMConfig(),
     # Small U-Net that learns `shapes` on 2 CPU cores in a few minutes (`make demo`).
-    "tiny": DDPMConfig(dataset="shapes", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0,
-                       norm_groups=8, steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.995,
-                       log_every=100, ckpt_every=500, sample_every=0, sample_n=64, sample_steps=50,
-                       eval_every=0, eval_n=500),
+    "tiny": DDPMConfig(dataset="shapes", ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_res=(8,), dropout=0.0,
+                       norm_groups=8, steps=1000, batch_size=32, lr=2e-3, warmup=50, ema_decay=0.99,
+                       log_every=100, ckpt_every=500, sample_every=0, sample_n=64, eval_every=0, eval_n=500),
 }
 
 # Which fields define the network and the diffusion: a checkpoint only fits a config that agrees on them.
