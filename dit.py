@@ -703,8 +703,10 @@ def save_grid(ema: DiT, diffusion: Diffusion, cfg: DiTConfig, path, seed: int) -
     per_row = max(1, cfg.SAMPLE_N // k) if k else None
     n = per_row * k if k else cfg.SAMPLE_N
     y = torch.arange(k).repeat_interleave(per_row) if k else None
+    # x0 clipped to [-1, 1] at every step (DDPM's default; keeps a young model's DDIM grids from saturating)
+    clip = {"clip_denoised": True} if cfg.SAMPLE_SAMPLER in ("ddpm", "ddim") else {}
     x, _ = sample_images(ema, diffusion, n, y, cfg.SAMPLE_SAMPLER, cfg.SAMPLE_STEPS,
-                         cfg.GUIDANCE if k else 0.0, g, cfg.IMG_SIZE)
+                         cfg.GUIDANCE if k else 0.0, g, cfg.IMG_SIZE, **clip)
     common.save_image_grid(x.cpu(), path, nrow=per_row)
 
 
@@ -844,6 +846,8 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--variance", default=None, choices=("small", "large", "learned"),
                    help="ddpm sampler: sigma^2 = beta_tilde (small), beta (large) or the model's own (learned; "
                         "default with --learn-sigma, else small)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="ddpm/ddim: clip x0 to [-1, 1] at every step (default: ddpm clips, ddim does not)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
@@ -856,7 +860,10 @@ def sampler_options(args) -> dict:
         raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {args.sampler})")
     if args.eta and args.sampler != "ddim":
         raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {args.sampler})")
-    return {"variance": args.variance} if args.variance else {"eta": args.eta} if args.sampler == "ddim" else {}
+    if args.clip is not None and args.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"--clip only applies to --sampler ddpm | ddim (got --sampler {args.sampler})")
+    opts = {"variance": args.variance} if args.variance else {"eta": args.eta} if args.sampler == "ddim" else {}
+    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
 
 def draw(model: DiT, diffusion: Diffusion, args, n: int, img_size: int, g: torch.Generator):
