@@ -781,4 +781,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # bad flags, data or checkpoints: one clear line instead of a traceback
+        sys.exit(f"error: {e}")
