@@ -36,7 +36,7 @@ from PIL import Image
 import common
 
 # =====================================================================================================
-# config  (owner: agent half; the world-model half adds its fields here too)
+# config
 # =====================================================================================================
 
 # Presets scale networks and step counts; each lists only what differs from `large`, the paper's
@@ -160,7 +160,7 @@ class DiamondConfig:
 
 
 # =====================================================================================================
-# environment: Atari preprocessing and vectorised collection  (owner: world-model half)
+# environment: Atari preprocessing and vectorised collection
 # =====================================================================================================
 
 # Official DIAMOND Atari protocol (src/envs/atari_preprocessing.py, config/env/atari.yaml)
@@ -360,7 +360,7 @@ class Collector:
         return {"steps": steps, "scores": scores, "episodes": closed}
 
 # =====================================================================================================
-# replay dataset  (owner: world-model half)
+# replay dataset
 # =====================================================================================================
 
 class Episode:
@@ -537,7 +537,7 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 # =====================================================================================================
-# world model: denoiser U-Net, EDM denoiser, samplers, reward/end model  (owner: world-model half)
+# world model: denoiser U-Net, EDM denoiser, samplers, reward/end model
 # =====================================================================================================
 
 # Official eloialonso/diamond constants (config/agent/default.yaml, config/trainer.yaml, models/blocks.py).
@@ -883,7 +883,7 @@ class RewardTerminationModel(nn.Module):
         return loss, {"loss_rew": loss_rew.item(), "loss_end": loss_end.item(), "loss_rew_end": loss.item()}
 
 # =====================================================================================================
-# imagination: WorldModelEnv  (owner: world-model half)
+# imagination: WorldModelEnv
 # =====================================================================================================
 
 class WorldModelEnv:
@@ -957,7 +957,7 @@ class WorldModelEnv:
         return self.obs_buffer[:, -1], rew, end, trunc, info
 
 # =====================================================================================================
-# agent: actor-critic, lambda-returns, loss  (owner: agent half)
+# agent: actor-critic, lambda-returns, loss
 # =====================================================================================================
 
 GN_GROUP_SIZE = 32  # official blocks.py: GroupNorm with max(1, C // 32) groups, eps 1e-5
@@ -1153,7 +1153,7 @@ def actor_critic_update(loop: AgentEnvLoop, cfg: DiamondConfig) -> tuple[torch.T
                              cfg.discount_factor, cfg.lambda_returns, cfg.value_weight, cfg.entropy_weight)
 
 # =====================================================================================================
-# training loop, evaluation, dreams  (owner: agent half; `dream` by the world-model half)
+# training loop, evaluation, dreams
 # =====================================================================================================
 
 # (random, human) scores of the 26 Atari-100k games: the standard table (DQN / Atari-100k papers), with
@@ -1612,7 +1612,7 @@ def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, de
     return r
 
 # =====================================================================================================
-# command line  (owner: agent half)
+# command line
 # =====================================================================================================
 
 def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.ArgumentParser, DiamondConfig]:
