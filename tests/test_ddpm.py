@@ -23,12 +23,15 @@ import ddpm  # noqa: E402
 from ddpm import DDPM, PRESETS, UNet  # noqa: E402
 
 # A model small enough for seconds-long CPU runs; same code paths as the paper's model.
-MICRO = dataclasses.replace(PRESETS["tiny"], ch=16, norm_groups=4, steps=8, batch_size=8, warmup=2,
-                            log_every=2, ckpt_every=4, sample_n=4, sample_steps=2)
+# Unconditional and 32 px on purpose (the tiny preset itself is 16 px and class-conditional): the CLI tests below
+# check the 32 px outputs and the "--guidance needs --class-cond" error.
+MICRO = dataclasses.replace(PRESETS["tiny"], img_size=32, attn_res=(8,), class_cond=False, ch=16, norm_groups=4,
+                            steps=8, batch_size=8, warmup=2, log_every=2, ckpt_every=4, sample_n=4, sample_steps=2)
 
 
 def micro_flags(cfg=MICRO):
-    return ["--preset", "tiny", "--ch", str(cfg.ch), "--norm-groups", str(cfg.norm_groups),
+    return ["--preset", "tiny", "--img-size", str(cfg.img_size), "--attn-res", *map(str, cfg.attn_res),
+            "--class-cond" if cfg.class_cond else "--no-class-cond", "--ch", str(cfg.ch), "--norm-groups", str(cfg.norm_groups),
             "--batch-size", str(cfg.batch_size), "--warmup", str(cfg.warmup), "--log-every", str(cfg.log_every),
             "--ckpt-every", str(cfg.ckpt_every), "--sample-n", str(cfg.sample_n),
             "--sample-steps", str(cfg.sample_steps)]
@@ -320,8 +323,8 @@ def newest_run(root):
 
 def test_loss_decreases_on_shapes():
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny"], img_size=16, ch=16, ch_mult=(1, 2), norm_groups=4, batch_size=16,
-                              lr=2e-3, warmup=5)
+    cfg = dataclasses.replace(PRESETS["tiny"], img_size=16, ch=16, ch_mult=(1, 2), attn_res=(8,), norm_groups=4,
+                              class_cond=False, batch_size=16, lr=2e-3, warmup=5)
     images, labels = common.make_shapes(256, seed=0, size=16)
     data = common.Dataset(images=images, labels=labels, num_classes=10)
     model = DDPM(cfg)
