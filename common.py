@@ -1066,6 +1066,17 @@ def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2) -> P
     return path
 
 
+def save_npz(images: torch.Tensor, labels: Optional[torch.Tensor], path) -> Path:
+    """Samples in the layout of the ADM (guided-diffusion) FID evaluator: arr_0 = uint8 (N, H, W, 3);
+    arr_1 = labels when given (ADM's convention; its evaluator ignores them). images in [-1, 1] (N, 3, H, W)."""
+    arrays = [to_uint8(images).permute(0, 2, 3, 1).numpy()]
+    if labels is not None:
+        arrays.append(labels.cpu().numpy())
+    path = Path(path)
+    np.savez(path, *arrays)
+    return path
+
+
 def save_gif(frames, path, fps: float = 10, scale: int = 1) -> Path:
     """Write an animated GIF (loops forever). frames: uint8 (T, H, W, 3) numpy/tensor or a list of
     (H, W, 3) frames; float frames in [-1, 1] and (T, 3, H, W) layouts are converted. `scale` enlarges

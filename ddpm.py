@@ -705,11 +705,15 @@ def sampler_options(args) -> dict:
 
 def load_for_sampling(args, device):
     if args.from_diffusers:
-        model = DDPM(PRESETS["cifar10"]).to(device)
+        model, ckpt, run_dir = DDPM(PRESETS["cifar10"]).to(device), None, None
         load_diffusers_into(model, args.from_diffusers)
-        return model.eval(), None, None
-    model, cfg, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
-    return model, ckpt, Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+        model.eval()
+    else:
+        model, _, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
+        run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    if args.guidance and not model.num_classes:  # fail before any sampling work
+        raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
+    return model, ckpt, run_dir
 
 
 def draw(model: DDPM, args, n: int, g: torch.Generator):
@@ -733,8 +737,6 @@ def cmd_sample(argv) -> None:
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     model, _, _ = load_for_sampling(args, device)
-    if args.guidance and not model.num_classes:
-        raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
     x, _, nfe = draw(model, args, args.n, g)
@@ -743,12 +745,8 @@ def cmd_sample(argv) -> None:
           f"-> {args.out}")
     if args.npz:
         x, y, _ = draw(model, args, args.npz, g)
-        arrays = [common.to_uint8(x).permute(0, 2, 3, 1).numpy()]  # (N, H, W, 3) uint8: ADM reads arr_0
-        if y is not None:
-            arrays.append(y.numpy())  # arr_1: labels (ADM convention; ignored by its evaluator)
-        path = Path(args.out).with_suffix(".npz")
-        np.savez(path, *arrays)
-        print(f"{args.npz} samples -> {path} (arr_0 {arrays[0].shape} uint8)")
+        path = common.save_npz(x, y, Path(args.out).with_suffix(".npz"))
+        print(f"{args.npz} samples -> {path} (arr_0 uint8 (N, H, W, 3), arr_1 labels if conditional)")
 
 
 def cmd_evaluate(argv) -> None:
@@ -759,8 +757,6 @@ def cmd_evaluate(argv) -> None:
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     model, ckpt, run_dir = load_for_sampling(args, device)
-    if args.guidance and not model.num_classes:
-        raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
     g = torch.Generator(device=device).manual_seed(args.seed)
     x, y, nfe = draw(model, args, args.n, g)
     res = common.evaluate_samples(common.to_uint8(x), y, args.cache_dir)

@@ -919,12 +919,8 @@ def cmd_sample(argv) -> None:
           f"{time.time() - t0:.1f} s -> {args.out}")
     if args.npz:
         x, y, _ = draw(model, diffusion, args, args.npz, cfg.IMG_SIZE, g)
-        arrays = [common.to_uint8(x).permute(0, 2, 3, 1).numpy()]   # (N, H, W, 3) uint8: ADM reads arr_0
-        if y is not None:
-            arrays.append(y.numpy())                                 # arr_1: labels (ignored by the evaluator)
-        path = Path(args.out).with_suffix(".npz")
-        np.savez(path, *arrays)
-        print(f"{args.npz} samples -> {path} (arr_0 {arrays[0].shape} uint8)")
+        path = common.save_npz(x, y, Path(args.out).with_suffix(".npz"))
+        print(f"{args.npz} samples -> {path} (arr_0 uint8 (N, H, W, 3), arr_1 labels if conditional)")
 
 
 def cmd_evaluate(argv) -> None:
