@@ -1435,17 +1435,23 @@ def evaluate_samples(fake_uint8: torch.Tensor, fake_labels: Optional[torch.Tenso
     held-out real images: {"shapes_fd", "precision", "recall"} plus "class_acc" when fake_labels (the
     classes the samples were generated for) is given. A few seconds for N=500 on CPU once the
     classifier is cached; the global RNG is not touched. Use N in the hundreds: with few samples the
-    k-NN balls in 128-d are huge (random gray images: precision 0.67 at N=30, 0.06 at N=500)."""
-    if fake_uint8.dtype != torch.uint8 or fake_uint8.ndim != 4 or tuple(fake_uint8.shape[1:]) != (3, 32, 32):
-        raise ValueError(f"evaluate_samples expects uint8 (N, 3, 32, 32) images, got "
+    k-NN balls in 128-d are huge (random gray images: precision 0.67 at N=30, 0.06 at N=500).
+    Images smaller than 32 px (16, 8) are scored against real images drawn at their own size, both
+    nearest-upsampled to the classifier's 32 px (real 16 px shapes: 96% class accuracy, vs 99% at 32)."""
+    size = fake_uint8.shape[-1] if fake_uint8.ndim == 4 else 0
+    if (fake_uint8.dtype != torch.uint8 or fake_uint8.ndim != 4 or fake_uint8.shape[1] != 3
+            or fake_uint8.shape[2] != size or not 0 < size <= 32 or 32 % size):
+        raise ValueError(f"evaluate_samples expects uint8 (N, 3, S, S) images with S = 32, 16 or 8, got "
                          f"{fake_uint8.dtype} {tuple(fake_uint8.shape)} (convert with to_uint8)")
     net = shapes_classifier(cache_dir)
+    to32 = lambda x: x.repeat_interleave(32 // size, 2).repeat_interleave(32 // size, 3)  # noqa: E731 nearest
     n_real = len(fake_uint8) if n_real is None else n_real
-    real_key = ("real", shapes_cache_key(), n_real)
+    real_key = ("real", shapes_cache_key(), n_real, size)
     if real_key not in _SHAPES_MEMO:
-        _SHAPES_MEMO[real_key] = shapes_features(net, make_shapes(n_real, seed=SHAPES_REAL_SEED, size=32)[0])[0]
+        real = make_shapes(n_real, seed=SHAPES_REAL_SEED, size=size)[0]
+        _SHAPES_MEMO[real_key] = shapes_features(net, to32(real))[0]
     real_feats = _SHAPES_MEMO[real_key]
-    fake_feats, logits = shapes_features(net, fake_uint8)
+    fake_feats, logits = shapes_features(net, to32(fake_uint8))
     precision, recall = precision_recall(real_feats, fake_feats, k=3)
     metrics = {"shapes_fd": frechet_distance(real_feats, fake_feats)}
     if fake_labels is not None:

@@ -127,9 +127,9 @@ def check_config(cfg: DDPMConfig) -> None:
         raise ValueError(f"--schedule {cfg.schedule!r}: use linear or cosine")
     if cfg.pred not in ("eps", "x0", "v"):
         raise ValueError(f"--pred {cfg.pred!r}: use eps, x0 or v")
-    if cfg.eval_every and (cfg.dataset != "shapes" or cfg.img_size != 32):
-        raise ValueError("--eval-every scores samples with the shapes classifier: it needs --dataset shapes, "
-                         "--img-size 32 (use --npz and the ADM evaluator for CIFAR-10 FID)")
+    if cfg.eval_every and (cfg.dataset != "shapes" or cfg.img_size not in (8, 16, 32)):
+        raise ValueError("--eval-every scores samples with the shapes classifier: it needs --dataset shapes and "
+                         "--img-size 32, 16 or 8 (use --npz and the ADM evaluator for CIFAR-10 FID)")
     if cfg.sample_sampler not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
 

@@ -148,6 +148,9 @@ def check_config(cfg: DiTConfig) -> None:
             raise ValueError(f"--model {cfg.MODEL} contradicts " + ", ".join(bad) + "; drop one of them")
     if cfg.ADALN not in ADALN_VARIANTS:
         raise ValueError(f"--adaln {cfg.ADALN!r} is unknown; use one of {', '.join(ADALN_VARIANTS)}")
+    if cfg.EVAL_EVERY and (cfg.DATASET != "shapes" or cfg.IMG_SIZE not in (8, 16, 32)):
+        raise ValueError("--eval-every scores samples with the shapes classifier: it needs --dataset shapes and "
+                         "--img-size 32, 16 or 8 (use --npz and the ADM evaluator for CIFAR-10 FID)")
     if cfg.IMG_SIZE % cfg.PATCH:
         raise ValueError(f"--img-size {cfg.IMG_SIZE} must be divisible by --patch {cfg.PATCH}")
     if cfg.WIDTH % cfg.HEADS:

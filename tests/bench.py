@@ -100,7 +100,7 @@ def bench_ddpm():
         nfe_sec = timeit(lambda: model.net(x, t), min_time=2.0)
     return {"model": "ddpm (paper CIFAR-10 U-Net)", "params_M": ddpm.num_params(model.net) / 1e6, "batch": B,
             "train_items_s": rate, "unit": "img", "fwd_gflop_per_item": flops / 1e9,
-            "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B}
+            "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B, **ab_ddpm(B)}
 
 
 def bench_dit():
@@ -119,7 +119,7 @@ def bench_dit():
         nfe_sec = timeit(lambda: model(x, t, y), min_time=2.0)
     return {"model": "dit (CIFAR default, 384x6, patch 4)", "params_M": dit.num_params(model) / 1e6, "batch": B,
             "train_items_s": rate, "unit": "img", "fwd_gflop_per_item": flops / 1e9,
-            "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B}
+            "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B, **ab_dit(B)}
 
 
 def bench_diamond():
@@ -154,6 +154,151 @@ def bench_diamond():
             "sample_ms_per_img_per_nfe": 1e3 * sec1 / 3,
             "extra_next_frame_3_euler_ms": 1e3 * sec1, "extra_imagination_batch_32x15_s": 15 * sec32,
             "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate}
+
+
+# ----------------------------------------------------------------------------------------------------
+# A/B against the reference implementations, same weights, same numerics, alternating timed rounds
+
+
+def ab_rates(steps: dict, batch: int, rounds: int) -> dict:
+    """Items/s of each named training-step function, timed in alternating rounds (the best round of each), so
+    that any drift in machine load during the run hits every contender alike."""
+    for step in steps.values():
+        step(), step()  # warm-up (allocator, oneDNN primitive caches)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch / sec for name, sec in best.items()}
+
+
+def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4):
+    opt = opt_cls([p for p in params if p.requires_grad], lr=lr)
+
+    def step():
+        with autocast():
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def perturb_(model, std=0.02):
+    """Move every trainable weight off its (often zero) initial value, as after some training."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+
+
+def official_dit_forward(m, x, t, y, train: bool):
+    """DiT forward in the op order of the official models.py and the timm PatchEmbed / Attention / Mlp it uses,
+    run on the parameters of our DiT `m` (same names). Label dropout happens here, as in the official forward."""
+    def modulate(h, shift, scale):
+        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def attention(a, h):
+        B, N, C = h.shape
+        q, k, v = a.qkv(h).reshape(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        return torch.nn.functional.dropout(a.proj(o.transpose(1, 2).reshape(B, N, C)), 0.0, train)
+
+    def mlp(f, h):
+        h = torch.nn.functional.dropout(torch.nn.functional.gelu(f.fc1(h), approximate="tanh"), 0.0, train)
+        return torch.nn.functional.dropout(f.fc2(h), 0.0, train)
+
+    import dit
+    h = m.x_embedder.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
+    if train:
+        y = torch.where(torch.rand(y.shape[0], device=y.device) < 0.1, m.num_classes, y)
+    c = m.t_embedder.mlp(dit.timestep_embedding(t)) + m.y_embedder.embedding_table(y)
+    for b in m.blocks:
+        shift1, scale1, gate1, shift2, scale2, gate2 = b.adaLN_modulation(c).chunk(6, dim=1)
+        h = h + gate1.unsqueeze(1) * attention(b.attn, modulate(b.norm1(h), shift1, scale1))
+        h = h + gate2.unsqueeze(1) * mlp(b.mlp, modulate(b.norm2(h), shift2, scale2))
+    shift, scale = m.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+    h = m.final_layer.linear(modulate(m.final_layer.norm_final(h), shift, scale))
+    N, G, p, C = h.shape[0], m.grid, m.patch, m.out_channels
+    h = torch.einsum("nhwpqc->nchpwq", h.reshape(N, G, G, p, p, C))
+    return h.reshape(N, C, G * p, G * p)
+
+
+def ab_dit(B: int) -> dict:
+    """Our DiT training step against the official op order (official training_losses: float64 numpy tables
+    gathered per call, mean-flat MSE; AdamW lr 1e-4 as official train.py), CIFAR default config."""
+    import copy
+    import numpy as np
+    import dit
+    torch.manual_seed(0)
+    cfg = dit.get_dit_config(DATASET="shapes")
+    ours = dit.build_model(cfg, num_classes=10).to(DEVICE)
+    perturb_(ours)
+    ref = copy.deepcopy(ours)
+    diffusion = dit.Diffusion(device=DEVICE)
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    sqrt_abar, sqrt_1m_abar = np.sqrt(abar), np.sqrt(1.0 - abar)
+    x, y = torch.randn(B, 3, 32, 32, device=DEVICE).clamp(-1, 1), torch.randint(0, 10, (B,), device=DEVICE)
+    with torch.no_grad():
+        t = torch.randint(0, 1000, (B,), device=DEVICE)
+        diff = (ours.eval()(x, t, y) - official_dit_forward(ref.eval(), x, t, y, False)).abs().max().item()
+    ours.train(), ref.train()
+
+    def extract(arr, t):  # the official _extract_into_tensor
+        return torch.from_numpy(arr).to(t.device)[t].float()[:, None, None, None]
+
+    def ref_loss():
+        t = torch.randint(0, 1000, (B,), device=DEVICE)
+        noise = torch.randn_like(x)
+        x_t = extract(sqrt_abar, t) * x + extract(sqrt_1m_abar, t) * noise
+        return ((noise - official_dit_forward(ref, x_t, t, y, True)) ** 2).mean(dim=[1, 2, 3]).mean()
+
+    rates = ab_rates({"official": optimizer_step(ref.parameters(), ref_loss, torch.optim.AdamW),
+                      "ours": optimizer_step(ours.parameters(),
+                                             lambda: diffusion.loss(ours, x, y, ours.null_class, 0.1)[0],
+                                             torch.optim.AdamW)}, B, rounds=12)
+    return {"ab_reference": "official DiT op order (models.py + timm layers)", "ab_ours_items_s": rates["ours"],
+            "ab_ref_items_s": rates["official"], "ab_speedup": rates["ours"] / rates["official"],
+            "ab_max_abs_diff": diff}
+
+
+def ab_ddpm(B: int) -> dict:
+    """Our DDPM training step against diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration, with
+    the loss of diffusers' train_unconditional example (DDPMScheduler.add_noise, F.mse_loss). Needs diffusers
+    (not a dependency of this project): `pip install diffusers` to run this comparison."""
+    try:
+        from diffusers import DDPMScheduler, UNet2DModel
+    except ImportError:
+        return {"ab_reference": "diffusers UNet2DModel: not installed (pip install diffusers to compare)"}
+    import ddpm
+    from test_ddpm import DIFFUSERS_CONFIG
+    torch.manual_seed(0)
+    ref = UNet2DModel(**DIFFUSERS_CONFIG, dropout=0.1).to(DEVICE)
+    perturb_(ref)
+    ours = ddpm.DDPM(ddpm.PRESETS["cifar10"]).to(DEVICE)
+    ours.net.load_state_dict(ddpm.convert_diffusers(ref.state_dict()), strict=True)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    x = torch.randn(B, 3, 32, 32, device=DEVICE).clamp(-1, 1)
+    with torch.no_grad():
+        t = torch.randint(0, 1000, (B,), device=DEVICE)
+        diff = (ours.net.eval()(x, t.float()) - ref.eval()(x, t).sample).abs().max().item()
+    ours.train(), ref.train()
+
+    def ref_loss():
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 1000, (B,), device=DEVICE)
+        return torch.nn.functional.mse_loss(ref(sched.add_noise(x, noise, t), t).sample, noise)
+
+    rates = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
+                      "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4)}, B, rounds=6)
+    return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
+            "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"],
+            "ab_speedup": rates["ours"] / rates["diffusers"], "ab_max_abs_diff": diff}
 
 
 BENCHES = {"ddpm": bench_ddpm, "dit": bench_dit, "diamond": bench_diamond}
@@ -200,6 +345,11 @@ def main():
         for k, v in r.items():
             if k.startswith("extra_"):
                 print(f"    {k[6:]}: {v}")
+        if "ab_speedup" in r:
+            print(f"    A/B vs {r['ab_reference']}: ours {r['ab_ours_items_s']:.2f} vs {r['ab_ref_items_s']:.2f} "
+                  f"{r['unit']}/s = {r['ab_speedup']:.3f}x (outputs agree to {r['ab_max_abs_diff']:.1e})")
+        elif "ab_reference" in r:
+            print(f"    A/B: {r['ab_reference']}")
     info = {"device": str(DEVICE), "bf16": BF16, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "results": results}
     with open(args.out, "w") as f:

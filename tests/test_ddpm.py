@@ -355,6 +355,23 @@ def test_train_sample_cli_end_to_end(in_tmp):
         assert (in_tmp / f"{sampler}.png").exists()
 
 
+def test_in_training_eval_and_evaluate_command(in_tmp):
+    # --eval-every logs shapes metrics into metrics.jsonl; `evaluate` scores a checkpoint and appends a row
+    flags = [*micro_flags(), "--dataset", "shapes", "--img-size", "16", "--attn-res", "4", "--class-cond"]
+    ddpm.main(["train", *flags, "--steps", "4", "--eval-every", "2", "--eval-n", "40", "--sample-steps", "2"])
+    run = newest_run(in_tmp)
+    evals = [m for m in read_metrics(run) if "eval/shapes_fd" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(m["eval/shapes_fd"] > 0 and 0 <= m["eval/class_acc"] <= 1 for m in evals), evals
+    ddpm.main(["evaluate", "--ckpt", str(run), "--n", "40", "--sampler", "euler", "--steps", "2", "--guidance", "1"])
+    last = read_metrics(run)[-1]
+    assert last["step"] == 4 and last["sampler"] == "euler" and last["n"] == 40
+    assert {"eval/shapes_fd", "eval/class_acc", "eval/precision", "eval/recall"} <= set(last)
+    with pytest.raises(ValueError, match="--eval-every"):
+        ddpm.main(["train", *micro_flags(), "--dataset", "shapes", "--img-size", "24", "--ch-mult", "1", "2",
+                   "--eval-every", "2"])
+
+
 def test_resume_is_exact(in_tmp):
     flags = [*micro_flags(), "--dataset", "shapes", "--log-every", "1", "--dropout", "0.1"]
     ddpm.main(["train", *flags, "--steps", "6", "--ckpt-every", "100"])

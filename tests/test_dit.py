@@ -317,6 +317,22 @@ def test_train_sample_and_resume_exactly(in_tmp):
         dit.main(["sample", "--ckpt", str(full), "--class", "12", "--steps", "2", "--n", "2", "--out", str(one)])
 
 
+def test_in_training_eval_and_evaluate_command(in_tmp):
+    # --eval-every logs shapes metrics into metrics.jsonl; `evaluate` scores a checkpoint and appends a row
+    run = dit.train(*dit.parse_train_args(MICRO + ["--img-size", "16", "--patch", "4", "--steps", "4",
+                                                   "--eval-every", "2", "--eval-n", "40"]))
+    evals = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    evals = [m for m in evals if "eval/shapes_fd" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(m["eval/shapes_fd"] > 0 and 0 <= m["eval/class_acc"] <= 1 for m in evals), evals
+    dit.main(["evaluate", "--ckpt", str(run), "--n", "40", "--sampler", "heun", "--steps", "2", "--guidance", "2"])
+    last = json.loads(open(run / "metrics.jsonl").readlines()[-1])
+    assert last["step"] == 4 and last["sampler"] == "heun" and last["n"] == 40
+    assert {"eval/shapes_fd", "eval/class_acc", "eval/precision", "eval/recall"} <= set(last)
+    with pytest.raises(ValueError, match="--eval-every"):
+        dit.parse_train_args(MICRO + ["--dataset", "cifar10", "--eval-every", "2"])
+
+
 def test_learn_sigma_uncond_train_and_ddpm_sampling(in_tmp):
     run = dit.train(*dit.parse_train_args(MICRO + ["--steps", "2", "--learn-sigma", "--uncond", "--guidance", "0",
                                                    "--sample-sampler", "ddpm", "--adaln", "adaln-single"]))

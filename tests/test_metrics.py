@@ -215,9 +215,23 @@ def test_evaluate_samples_real_vs_noise(clf, cache_dir, held_out):
     assert dropped["shapes_fd"] > 3 * real["shapes_fd"], (real, dropped)
 
 
-def test_evaluate_samples_rejects_float_images(cache_dir):
+def test_evaluate_samples_at_16_px(clf, cache_dir):
+    # 16 px samples (the tiny presets) are scored against real 16 px images, both upsampled to 32
+    images, labels = C.make_shapes(500, seed=777, size=16)
+    real = C.evaluate_samples(images, labels, cache_dir=cache_dir)
+    assert real["class_acc"] >= 0.9 and real["precision"] > 0.7 and real["recall"] > 0.7, real
+    blurred = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().to(torch.uint8)
+    worse = C.evaluate_samples(blurred, labels, cache_dir=cache_dir)
+    assert worse["shapes_fd"] > 3 * real["shapes_fd"], (real, worse)
+    noise = torch.randint(0, 256, (500, 3, 16, 16), generator=gen(8), dtype=torch.uint8)
+    assert C.evaluate_samples(noise, labels, cache_dir=cache_dir)["class_acc"] < 0.3
+
+
+def test_evaluate_samples_rejects_float_images_and_odd_sizes(cache_dir):
     with pytest.raises(ValueError, match="uint8"):
         C.evaluate_samples(torch.zeros(10, 3, 32, 32), None, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="S = 32, 16 or 8"):
+        C.evaluate_samples(torch.zeros(10, 3, 24, 24, dtype=torch.uint8), None, cache_dir=cache_dir)
 
 
 def test_format_metrics_table():
