@@ -22,7 +22,7 @@ from dit import DiT, DiTConfig, get_dit_config  # noqa: E402
 GOLDEN = torch.load(ROOT / "tests" / "golden" / "dit_small.pt", weights_only=True)
 
 # Flags of a micro model: same code paths as the real one, seconds on one core.
-MICRO = ["--preset", "tiny", "--width", "32", "--depth", "1", "--heads", "2", "--patch", "8", "--batch", "8",
+MICRO = ["--preset", "tiny", "--img-size", "32", "--width", "32", "--depth", "1", "--heads", "2", "--patch", "8", "--batch", "8",
          "--log-every", "1", "--sample-n", "10", "--sample-steps", "2", "--guidance", "1.0"]
 
 
