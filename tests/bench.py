@@ -153,7 +153,39 @@ def bench_diamond():
             "batch": B, "train_items_s": rate, "unit": "frame", "fwd_gflop_per_item": flops / 1e9,
             "sample_ms_per_img_per_nfe": 1e3 * sec1 / 3,
             "extra_next_frame_3_euler_ms": 1e3 * sec1, "extra_imagination_batch_32x15_s": 15 * sec32,
-            "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate}
+            "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate,
+            **diamond_large_run_estimate(rate * 3 * flops, sec32)}
+
+
+def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) -> dict:
+    """A full `large` run (the paper's Atari 100k schedule and sizes) from this run's measurements: its analytic
+    FLOPs (forward FLOPs of each network counted at batch 1, training = 3x forward) and an estimated wall time:
+    imagination at the measured seconds per imagined step of 32 envs, every other part at the measured
+    denoiser-training FLOP rate. Env stepping and Python overhead are left out, so it is a lower bound."""
+    import diamond
+    cfg = diamond.DiamondConfig("large")
+    agent = diamond.Agent(cfg, num_actions=4).to(DEVICE)
+    K, H, B, NB = cfg.num_steps_conditioning, cfg.imagination_horizon, cfg.batch_size, cfg.imagination_batch_size
+    frame = torch.zeros(1, 1, 3, 64, 64, device=DEVICE)
+    act = torch.zeros(1, K + 1, dtype=torch.long, device=DEVICE)
+    with torch.no_grad():
+        f_den = forward_flops(lambda: agent.denoiser.loss(frame.expand(1, K + 1, -1, -1, -1), act,
+                                                           torch.ones(1, K + 1, dtype=torch.bool, device=DEVICE)))
+        f_rew_end = forward_flops(lambda: agent.rew_end_model.predict_rew_end(frame, act[:, :1], frame))
+        f_ac = forward_flops(lambda: agent.actor_critic(frame[:, 0]))
+    n = {m: getattr(cfg, f"{m}_steps_first_epoch") + (cfg.num_epochs - 1) * getattr(cfg, f"{m}_steps_per_epoch")
+         for m in ("denoiser", "rew_end", "actor_critic")}
+    flop = {"denoiser_training": n["denoiser"] * B * diamond.DENOISER_SEGMENT_EXTRA * 3 * f_den,
+            "rew_end_training": n["rew_end"] * B * (H + K - 1) * 3 * f_rew_end,
+            "imagination_next_frames": n["actor_critic"] * NB * H * cfg.num_sampling_steps * f_den,
+            "imagination_rew_end_and_actor_critic": n["actor_critic"] * NB * H * (f_rew_end + 3 * f_ac)}
+    total = sum(flop.values())
+    seconds = (n["actor_critic"] * H * imagined_step_sec * NB / 32
+               + (total - flop["imagination_next_frames"]) / train_flop_s)
+    return {"extra_large_run_pflop": total / 1e15,
+            "extra_large_run_pflop_share": {k: round(v / total, 3) for k, v in flop.items()},
+            "extra_large_run_estimated_hours_here": seconds / 3600,
+            "extra_large_run_paper_3_days_implies_tflop_s": total / (3 * 86400) / 1e12}
 
 
 # ----------------------------------------------------------------------------------------------------
