@@ -1148,7 +1148,20 @@ def save_checkpoint(path, state: dict) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by an earlier save killed mid-write
+            if not _pid_alive(stale.name.rsplit("-", 1)[1]):
+                stale.unlink(missing_ok=True)
     return path
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load_checkpoint(path, kind: str, map_location="cpu") -> dict:

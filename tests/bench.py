@@ -65,9 +65,9 @@ def autocast():
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
 
 
-def train_rate(model, loss_fn, batch, params=None):
-    """Items/s of full optimizer steps, and forward FLOPs per item."""
-    opt = torch.optim.Adam(params or model.parameters(), lr=1e-4)
+def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4):
+    """A function doing one full training step: loss (autocast on GPU), backward, optimizer update."""
+    opt = opt_cls([p for p in params if p.requires_grad], lr=lr)
 
     def step():
         with autocast():
@@ -75,8 +75,12 @@ def train_rate(model, loss_fn, batch, params=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
 
-    sec = timeit(step)
+
+def train_rate(model, loss_fn, batch, params=None):
+    """Items/s of full optimizer steps, and forward FLOPs per item."""
+    sec = timeit(optimizer_step(params or model.parameters(), loss_fn))
     with torch.no_grad():
         flops = forward_flops(loss_fn) / batch
     return batch / sec, flops
@@ -206,18 +210,6 @@ def ab_rates(steps: dict, batch: int, rounds: int) -> dict:
             sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     return {name: batch / sec for name, sec in best.items()}
-
-
-def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4):
-    opt = opt_cls([p for p in params if p.requires_grad], lr=lr)
-
-    def step():
-        with autocast():
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
 
 
 def perturb_(model, std=0.02):

@@ -287,6 +287,19 @@ def test_atomic_save_survives_crash(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_save_sweeps_partial_files_of_killed_saves(tmp_path):
+    # a save killed by SIGKILL cannot clean up: its ".ckpt.pt.tmp-PID" stays until a later save removes it
+    import subprocess
+    victim = subprocess.Popen(["python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    victim.wait()
+    dead = tmp_path / f".ckpt.pt.tmp-{victim.pid}"
+    live = tmp_path / f".ckpt.pt.tmp-{os.getppid()}"  # a save still running in another process: left alone
+    for f in (dead, live):
+        f.write_bytes(b"PK\x03\x04 half a zip file")
+    C.save_checkpoint(tmp_path / "ckpt.pt", {"kind": "dit", "step": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", live.name])
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
