@@ -46,28 +46,25 @@ PRESETS: dict[str, dict] = {
     # one consumer GPU (~8 GB), a few hours: half-width world model, fewer updates per epoch
     "medium": dict(diffusion_channels=[48, 48, 48, 48], diffusion_cond_dim=192, rew_end_lstm_dim=256,
                    actor_critic_lstm_dim=256, denoiser_steps_first_epoch=4000, rew_end_steps_first_epoch=4000,
-                   actor_critic_steps_first_epoch=2000, denoiser_steps_per_epoch=200,
-                   rew_end_steps_per_epoch=200, actor_critic_steps_per_epoch=200),
+                   actor_critic_steps_first_epoch=2000, denoiser_steps_per_epoch=200, rew_end_steps_per_epoch=200,
+                   actor_critic_steps_per_epoch=200),
     # a small GPU or a long CPU run: 50k real steps, one res-block per level, 32 channels
     "small": dict(diffusion_channels=[32, 32, 32, 32], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=128,
                   rew_end_channels=[16, 16, 16, 16], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=64,
                   rew_end_lstm_dim=128, actor_critic_channels=[16, 16, 32, 32], actor_critic_lstm_dim=128,
-                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000,
-                  env_steps_per_epoch=200, num_epochs=300, denoiser_steps_first_epoch=1000,
-                  rew_end_steps_first_epoch=1000, actor_critic_steps_first_epoch=300,
-                  denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100, actor_critic_steps_per_epoch=50,
-                  imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
+                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000, env_steps_per_epoch=200,
+                  num_epochs=300, denoiser_steps_first_epoch=1000, rew_end_steps_first_epoch=1000,
+                  actor_critic_steps_first_epoch=300, denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100,
+                  actor_critic_steps_per_epoch=50, imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
     # the whole loop on 2 CPU cores in a few minutes (make demo): 32x32 frames, 8-channel nets
-    "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1],
-                 diffusion_cond_dim=16, rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1],
-                 rew_end_cond_dim=16, rew_end_lstm_dim=32, actor_critic_channels=[8, 8, 16, 16],
-                 actor_critic_lstm_dim=32, env_steps=3000, initial_collection_steps=1000,
-                 initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=3,
-                 denoiser_steps_first_epoch=120, rew_end_steps_first_epoch=80,
-                 actor_critic_steps_first_epoch=30, denoiser_steps_per_epoch=40, rew_end_steps_per_epoch=30,
-                 actor_critic_steps_per_epoch=15, batch_size=8, imagination_batch_size=8,
-                 learning_rate=5e-4, warmup_steps=20, eval_every=2, eval_episodes=8, final_eval_episodes=8,
-                 eval_max_steps=1000),
+    "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=16,
+                 rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=16, rew_end_lstm_dim=32,
+                 actor_critic_channels=[8, 8, 16, 16], actor_critic_lstm_dim=32, env_steps=3000,
+                 initial_collection_steps=1000, initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=3,
+                 denoiser_steps_first_epoch=120, rew_end_steps_first_epoch=80, actor_critic_steps_first_epoch=30,
+                 denoiser_steps_per_epoch=40, rew_end_steps_per_epoch=30, actor_critic_steps_per_epoch=15,
+                 batch_size=8, imagination_batch_size=8, learning_rate=5e-4, warmup_steps=20, eval_every=2,
+                 eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
 }
 
 
@@ -1290,42 +1287,30 @@ class LSTMPolicy:
         return torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(1)
 
 
-def _np_rng_state(rng: np.random.Generator) -> str:
-    return json.dumps(rng.bit_generator.state)  # 128-bit ints: kept as text in the checkpoint
-
-
-def _set_np_rng_state(rng: np.random.Generator, state: str) -> None:
-    rng.bit_generator.state = json.loads(state)
-
-
 class Trainer:
-    """The DIAMOND loop (official trainer.py), one epoch at a time:
-        collect real steps with the current policy -> train the denoiser -> train the reward/end model ->
-        train the actor-critic in imagination -> evaluate on the real game (every eval_every) -> checkpoint.
-    run_dir holds what is needed to continue: ckpt.pt (networks, optimisers, warm-up schedulers, epoch and
-    update counters, RNG states) and dataset/ (every real step). `Trainer(cfg, run_dir, resume=True)`
-    continues after the last finished epoch with all data saved so far (the running Atari games are not
-    restored, as officially: collection starts new episodes)."""
+    """The DIAMOND loop (official trainer.py), one epoch at a time: collect real steps with the current policy ->
+    train the denoiser -> train the reward/end model -> train the actor-critic in imagination -> evaluate on the
+    real game (every eval_every) -> checkpoint. run_dir holds what is needed to continue: ckpt.pt (networks,
+    optimisers, warm-up schedulers, epoch and update counters, RNG states) and dataset/ (every real step).
+    `Trainer(cfg, run_dir, resume=True)` continues after the last finished epoch with all data saved so far (the
+    running Atari games are not restored, as officially: collection starts new episodes)."""
 
     def __init__(self, cfg: DiamondConfig, run_dir, resume: bool = False, world_model_only: bool = False,
                  log=print):
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
-        self.world_model_only = world_model_only
+        self.cfg, self.run_dir, self.log, self.world_model_only = cfg, Path(run_dir), log, world_model_only
         self.device = common.pick_device(cfg.device)
         common.seed_everything(cfg.seed)
         self.train_env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
                                      sticky_actions=cfg.sticky_actions, seed=cfg.seed, device=self.device)
         self.num_actions = self.train_env.num_actions
         self.agent = Agent(cfg, self.num_actions).to(self.device)
-        wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay,
-                  actor_critic=cfg.actor_critic_weight_decay)
+        wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay, actor_critic=cfg.actor_critic_weight_decay)
         self.opt = {n: make_optimizer(getattr(self.agent, n), cfg.learning_rate, wd[n]) for n in MODEL_NAMES}
         self.sched = {n: make_warmup(self.opt[n], cfg.warmup_steps) for n in MODEL_NAMES}
         self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser, rew_end_model=cfg.max_grad_norm_rew_end,
                                   actor_critic=cfg.max_grad_norm_actor_critic)
         self.steps = {n: 0 for n in MODEL_NAMES}  # optimiser updates of each model
-        self.epoch = 0
-        self.reward_counts = [0, 0, 0]  # collected transitions with reward sign -1, 0, +1
+        self.epoch, self.reward_counts = 0, [0, 0, 0]  # collected transitions with reward sign -1, 0, +1
         self.gen = {k: torch.Generator().manual_seed(cfg.seed * 7919 + i)  # action sampling, per use
                     for i, k in enumerate(("collect", "imagine", "eval"))}
         self.data_rng = np.random.default_rng(cfg.seed)  # segment sampling
@@ -1342,23 +1327,19 @@ class Trainer:
         self.policy = LSTMPolicy(self.agent.actor_critic, self.gen["collect"])
         self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic, 0.0, self.gen["imagine"])
 
-    # ---- checkpoint -------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return dict(kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions,
-                    model=self.agent.state_dict(), ema=None,
-                    opt={n: o.state_dict() for n, o in self.opt.items()},
-                    sched={n: s.state_dict() for n, s in self.sched.items()},
-                    step=sum(self.steps.values()), steps=dict(self.steps), epoch=self.epoch,
-                    env_steps=len(self.dataset), reward_counts=list(self.reward_counts), rng=common.rng_state(),
-                    generators={k: g.get_state() for k, g in self.gen.items()},
-                    data_rng=_np_rng_state(self.data_rng), wm_rng=_np_rng_state(self.wm_env.rng),
-                    wm_generator=self.wm_env.generator.get_state())
-
+    # ---- checkpoint: the data first (new episodes, then its index), then ckpt.pt, so that after a kill at any
+    # point the checkpoint never refers to data that is not on disk. numpy RNG states hold 128-bit ints: JSON text.
     def save(self) -> None:
-        """The data first (new episodes, then its index), then the checkpoint: after a kill at any point the
-        checkpoint never refers to data that is not on disk."""
         self.dataset.save(self.dataset_dir)
-        common.save_checkpoint(self.ckpt_path, self.state())
+        common.save_checkpoint(self.ckpt_path, dict(
+            kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions, model=self.agent.state_dict(),
+            ema=None, opt={n: o.state_dict() for n, o in self.opt.items()},
+            sched={n: s.state_dict() for n, s in self.sched.items()}, step=sum(self.steps.values()),
+            steps=dict(self.steps), epoch=self.epoch, env_steps=len(self.dataset),
+            reward_counts=list(self.reward_counts), rng=common.rng_state(),
+            generators={k: g.get_state() for k, g in self.gen.items()},
+            data_rng=json.dumps(self.data_rng.bit_generator.state),
+            wm_rng=json.dumps(self.wm_env.rng.bit_generator.state), wm_generator=self.wm_env.generator.get_state()))
 
     def load(self) -> None:
         s = common.load_checkpoint(self.ckpt_path, "diamond")
@@ -1372,44 +1353,44 @@ class Trainer:
         self.steps, self.epoch, self.reward_counts = dict(s["steps"]), s["epoch"], list(s["reward_counts"])
         for k, g in self.gen.items():
             g.set_state(s["generators"][k])
-        _set_np_rng_state(self.data_rng, s["data_rng"])
-        _set_np_rng_state(self.wm_env.rng, s["wm_rng"])
+        self.data_rng.bit_generator.state = json.loads(s["data_rng"])
+        self.wm_env.rng.bit_generator.state = json.loads(s["wm_rng"])
         self.wm_env.generator.set_state(s["wm_generator"])
         # every step saved so far, also those collected after the checkpoint (a kill mid-epoch)
         self.dataset = self.wm_env.dataset = ReplayDataset.load(self.dataset_dir)
         common.set_rng_state(s["rng"])
 
     # ---- the three kinds of updates ---------------------------------------------------------------------
-    def update(self, name: str, loss: torch.Tensor) -> float:
-        self.steps[name] += 1
-        return optimizer_step(name, loss, getattr(self.agent, name), self.opt[name], self.sched[name],
-                              self.max_grad_norm[name], self.steps[name])
-
     def world_model_loss(self, name: str):
+        """Denoiser: segments of K + 2 frames, left padding; reward/end: horizon + K, padded on both sides
+        (official)."""
         cfg, K = self.cfg, self.cfg.num_steps_conditioning
-        if name == "denoiser":
-            b = self.dataset.sample_segments(cfg.batch_size, K + DENOISER_SEGMENT_EXTRA, pad_right=False,
-                                             sample_weights=cfg.sample_weights, rng=self.data_rng)
-            b = {k: v.to(self.device) for k, v in b.items()}
-            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"])
-        # reward/end: segments of horizon + K frames, padded on both sides (official)
-        b = self.dataset.sample_segments(cfg.batch_size, cfg.imagination_horizon + K, pad_right=True,
+        seq_len = K + DENOISER_SEGMENT_EXTRA if name == "denoiser" else cfg.imagination_horizon + K
+        b = self.dataset.sample_segments(cfg.batch_size, seq_len, pad_right=name != "denoiser",
                                          sample_weights=cfg.sample_weights, rng=self.data_rng)
         b = {k: v.to(self.device) for k, v in b.items()}
+        if name == "denoiser":
+            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"])
         return self.agent.rew_end_model.loss(b["obs"], b["act"], b["rew"], b["end"], b["mask_padding"],
                                              b["final_obs"])
 
     def train_model(self, name: str, num_steps: int) -> dict:
         """num_steps updates of one of the three models -> its mean metrics."""
+        cfg, model = self.cfg, getattr(self.agent, name)
         self.agent.eval()
-        getattr(self.agent, name).train()
+        model.train()
         sums: dict = {}
         for _ in range(num_steps):
-            if name == "actor_critic":
-                loss, m = actor_critic_update(self.imagination, self.cfg)
+            if name == "actor_critic":  # imagine imagination_horizon steps in every env, then the loss on them
+                r = self.imagination.rollout(cfg.imagination_horizon)
+                loss, m = actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"],
+                                            r["val_bootstrap"], cfg.discount_factor, cfg.lambda_returns,
+                                            cfg.value_weight, cfg.entropy_weight)
             else:
                 loss, m = self.world_model_loss(name)
-            m = dict(m, loss=loss.item(), grad_norm=self.update(name, loss))
+            self.steps[name] += 1
+            m = dict(m, loss=loss.item(), grad_norm=optimizer_step(name, loss, model, self.opt[name], self.sched[name],
+                                                                   self.max_grad_norm[name], self.steps[name]))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / max(num_steps, 1) for k, v in sums.items()}
@@ -1420,13 +1401,12 @@ class Trainer:
         Returns the scores of the games that ended."""
         self.agent.actor_critic.eval()
         n0 = len(self.dataset)
-        r = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)
+        scores = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)["scores"]
         # reward signs of the new steps (the open episode grows at the end, later episodes are new)
-        rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]
-        for s in np.sign(rew).astype(int):
+        for s in np.sign(np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]).astype(int):
             self.reward_counts[s + 1] += 1
         self.dataset.save(self.dataset_dir)
-        return r["scores"]
+        return scores
 
     def collect_initial(self) -> list:
         """Official: initial_collection_steps with the untrained agent (uniform policy: zero actor head), then
@@ -1439,15 +1419,13 @@ class Trainer:
 
     def evaluate(self, episodes: int, epsilon: float = 0.0, seed: Optional[int] = None, gif=None) -> dict:
         """Test episodes on the real game (no life-loss ends, epsilon 0, actions sampled): raw scores, HNS."""
-        env = AtariVecEnv(self.cfg.game, episodes, self.cfg.obs_size, done_on_life_loss=False,
-                          sticky_actions=self.cfg.sticky_actions,
-                          seed=self.cfg.seed + 1_000_003 * (1 + self.epoch) if seed is None else seed,
-                          device=self.device)
-        frames = [] if gif else None
+        cfg, frames = self.cfg, [] if gif else None
+        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, device=self.device,
+                          seed=cfg.seed + 1_000_003 * (1 + self.epoch) if seed is None else seed)
         self.agent.actor_critic.eval()
-        r = evaluate_policy(self.agent.actor_critic, env, self.cfg.eval_max_steps, epsilon, self.gen["eval"], frames)
+        r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon, self.gen["eval"], frames)
         env.close()
-        r["hns"] = human_normalized_score(self.cfg.game, r["return_mean"])
+        r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
         if gif:
             common.save_gif(frames, gif, fps=15)
         return r
@@ -1471,9 +1449,7 @@ class Trainer:
             n = dict(denoiser=cfg.denoiser_steps_first_epoch if first else cfg.denoiser_steps_per_epoch,
                      rew_end_model=cfg.rew_end_steps_first_epoch if first else cfg.rew_end_steps_per_epoch,
                      actor_critic=cfg.actor_critic_steps_first_epoch if first else cfg.actor_critic_steps_per_epoch)
-            for name in MODEL_NAMES:
-                if name == "actor_critic" and self.world_model_only:
-                    continue
+            for name in MODEL_NAMES[:2] if self.world_model_only else MODEL_NAMES:
                 t = time.time()
                 logs.update({f"{name}/{k}": v for k, v in self.train_model(name, n[name]).items()})
                 logs[f"{name}/seconds"] = time.time() - t
@@ -1481,8 +1457,8 @@ class Trainer:
             if not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last):
                 t = time.time()
                 result = self.evaluate(cfg.final_eval_episodes if last else cfg.eval_episodes)
-                logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"},
-                            **{"eval/seconds": time.time() - t})
+                logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"})
+                logs["eval/seconds"] = time.time() - t
             logs["epoch_seconds"] = time.time() - t0
             self.save()  # after a non-finite loss we never get here: the last good checkpoint stays
             self.metrics.log(step=self.epoch, **logs)
@@ -1496,8 +1472,8 @@ class Trainer:
                 s += f" | {short} loss {logs[f'{name}/loss']:.4f}"
         if "eval/return_mean" in logs:
             hns = logs.get("eval/hns")
-            s += f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}" + \
-                 (f", HNS {hns:.3f})" if hns is not None else ")")
+            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}"
+                  + (f", HNS {hns:.3f})" if hns is not None else ")"))
         return s + f" | {logs['epoch_seconds']:.0f} s"
 
 # --- dreams (world-model half) ---------------------------------------------------------------------
@@ -1539,13 +1515,12 @@ def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps
     first K real frames with the same actions (open loop: it only ever sees its own frames after the start).
     Returns real, dream: uint8 (K + steps, C, H, W) (the K context frames are shared) and the per-frame mean
     absolute error in pixel levels (0..255) of the imagined frames. Stops early if the real game ends."""
-    K = num_steps_conditioning
-    rng = np.random.default_rng(seed)
+    K, rng = num_steps_conditioning, np.random.default_rng(seed)
     obs, info = env.reset()
     frames, acts = [info["frames"][0]], []
     for _ in range(K + steps - 1):
         a = torch.as_tensor(rng.integers(env.num_actions, size=1)) if policy is None else policy(obs)
-        obs, _, end, trunc, info = env.step(a)
+        obs, _, _, _, info = env.step(a)
         acts.append(int(a[0]))
         if info["dead"][0]:
             break
@@ -1556,7 +1531,7 @@ def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps
     obs_buf = frames_to_float(real[:K]).unsqueeze(0).to(device)  # (1, K, C, H, W)
     act_buf = torch.tensor(acts[:K], device=device).unsqueeze(0)
     gen = torch.Generator(device=device).manual_seed(seed)
-    dream = [f for f in real[:K]]
+    dream = list(real[:K])
     for t in range(K, len(real)):
         act_buf[0, -1] = acts[t - 1]  # the action taken after frame t-1
         nxt, _ = sampler.sample(obs_buf, act_buf, generator=gen)
@@ -1568,24 +1543,17 @@ def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps
     return {"real": real, "dream": dream, "frame_mae": err.tolist()}
 
 
-def save_dream_gif(real: np.ndarray, dream: np.ndarray, path, fps: float = 10, scale: int = 4):
-    """Side-by-side GIF: the real game left, the dream right, a white bar between; (T, C, H, W) uint8 each."""
-    T, C, H, _ = real.shape
-    bar = np.full((T, C, H, 2), 255, np.uint8)
-    frames = np.concatenate([real, bar, dream], axis=3).transpose(0, 2, 3, 1)  # (T, H, 2W+2, C)
-    return common.save_gif(frames, path, fps=fps, scale=scale)
-
-
 def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, device: str = "cpu") -> dict:
-    """`python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif`: the real game and the world
-    model's open-loop continuation side by side, with the policy of the checkpoint if it has one (else
-    random actions), and the per-frame error printed."""
+    """`python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif`: the real game (left) and the
+    world model's open-loop continuation (right) in one GIF, with the policy of the checkpoint if it has one
+    (else random actions), and the per-frame error printed."""
     state = common.load_checkpoint(ckpt, "diamond")
     conf = dict(state["config"])
-    cfg = DiamondConfig(preset=conf.pop("preset", "large"), **{k: v for k, v in conf.items() if k in DiamondConfig.__dataclass_fields__})
+    cfg = DiamondConfig(preset=conf.pop("preset", "large"),
+                        **{k: v for k, v in conf.items() if k in DiamondConfig.__dataclass_fields__})
     parts = split_agent_state_dict(state["model"])
     num_actions = parts["denoiser"]["inner_model.act_emb.0.weight"].shape[0]
-    env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=False, sticky_actions=cfg.sticky_actions, seed=seed)
+    env = AtariVecEnv(cfg.game, 1, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=seed)
     if env.num_actions != num_actions:
         raise ValueError(f"{ckpt} was trained with {num_actions} actions, but {cfg.game} has {env.num_actions}: "
                          "a checkpoint of another game?")
@@ -1596,19 +1564,17 @@ def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, de
     if "actor_critic" in parts:
         ac = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim, cfg.obs_size)
         ac.load_state_dict(parts["actor_critic"], strict=True)
-        gen, hx_cx = torch.Generator().manual_seed(seed), [None]
-
-        def policy(obs):
-            logits, _, hx_cx[0] = ac(obs, hx_cx[0])
-            return torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(1)
+        lstm_policy = LSTMPolicy(ac, torch.Generator().manual_seed(seed))
+        policy = lambda obs: lstm_policy(obs, torch.zeros(1, dtype=torch.bool))  # one game: never a reset
     r = dream_rollout(make_sampler(denoiser, cfg), env, steps, cfg.num_steps_conditioning, policy, seed)
-    save_dream_gif(r["real"], r["dream"], out)
+    env.close()
+    bar = np.full((*r["real"].shape[:3], 2), 255, np.uint8)  # a white bar between the two
+    common.save_gif(np.concatenate([r["real"], bar, r["dream"]], axis=3).transpose(0, 2, 3, 1), out, fps=10, scale=4)
     mae = r["frame_mae"]
     print(f"dream: {len(mae)} imagined frames after {cfg.num_steps_conditioning} real ones -> {out}")
     print("per-frame mean abs error (0-255): " + " ".join(f"{e:.1f}" for e in mae))
     if mae:
         print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")
-    env.close()
     return r
 
 # =====================================================================================================
@@ -1620,17 +1586,18 @@ def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.Argument
     (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large", choices=list(PRESETS))
-    known, _ = pre.parse_known_args(argv)
-    base = DiamondConfig(preset=known.preset)
-    parser = argparse.ArgumentParser(description=description)
-    common.add_config_args(parser, base)
-    return parser, base
+    base = DiamondConfig(preset=pre.parse_known_args(argv)[0].preset)
+    return common.add_config_args(argparse.ArgumentParser(description=description), base), base
 
 
 def parse_config(argv) -> DiamondConfig:
     """DiamondConfig from command-line flags only (used by tests and scripts)."""
     parser, base = config_parser(argv)
     return common.config_from_args(base, parser.parse_args(argv))
+
+
+def _hns_text(hns: Optional[float]) -> str:
+    return "n/a" if hns is None else f"{hns:.3f}"
 
 
 def train_command(argv) -> dict:
@@ -1643,11 +1610,9 @@ def train_command(argv) -> dict:
     args = parser.parse_args(argv)
     if args.resume:
         run_dir = Path(args.resume)
-        conf = dict(common.load_checkpoint(run_dir / "ckpt.pt", "diamond")["config"])
-        cfg = DiamondConfig(**conf)
-    else:
+        cfg = DiamondConfig(**common.load_checkpoint(run_dir / "ckpt.pt", "diamond")["config"])
+    else:  # an unknown game fails before any work
         cfg = common.config_from_args(DiamondConfig(preset=args.preset), args)
-        resolve_game(cfg.game)  # an unknown game fails before any work
         run_dir = common.make_run_dir("diamond", resolve_game(cfg.game)[4:].split("-")[0])
     print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,
@@ -1657,10 +1622,8 @@ def train_command(argv) -> dict:
     t0 = time.time()
     result = trainer.run()
     if result:
-        hns = result["hns"]
         print(f"final evaluation, {len(result['returns'])} test episodes: mean return {result['return_mean']:.2f}, "
-              f"max {result['return_max']:.0f}, HNS " + (f"{hns:.3f}" if hns is not None else "n/a") +
-              f" | {time.time() - t0:.0f} s | {run_dir}")
+              f"max {result['return_max']:.0f}, HNS {_hns_text(result['hns'])} | {time.time() - t0:.0f} s | {run_dir}")
     if not args.train_world_model_only:
         try:
             dream(str(run_dir / "ckpt.pt"), steps=min(60, cfg.eval_max_steps), out=str(run_dir / "dream.gif"),
@@ -1686,37 +1649,34 @@ def eval_command(argv) -> dict:
     p.add_argument("--gif", help="save the first episode as an animated GIF")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    if args.ckpt:
-        cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"])
-    elif not args.game:
+    if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
-    else:
-        cfg = DiamondConfig(preset="large")  # the published agents use the paper's networks
-    cfg.game = args.game or cfg.game
-    cfg.device = args.device
+    # the published agents use the paper's networks (large preset)
+    cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"]) if args.ckpt else DiamondConfig()
+    cfg.game, cfg.device = args.game or cfg.game, args.device
     cfg.eval_max_steps = args.max_steps or cfg.eval_max_steps
     device = common.pick_device(cfg.device)
-    env = AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=args.seed,
-                      device=device)
+    # the same seeds give the same episodes (no-op starts) for the policy and the random comparison
+    make_env = lambda: AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
+                                   seed=args.seed, device=device)
+    env = make_env()
     agent = Agent(cfg, env.num_actions)
     load_official_agent(agent, args.ckpt or args.from_official)  # strict per part: a wrong game fails here
     agent.to(device).eval()
-    frames = [] if args.gif else None
-    t0 = time.time()
+    frames, t0 = [] if args.gif else None, time.time()
     r = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, args.epsilon,
                         torch.Generator().manual_seed(args.seed), frames)
     r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
     cut = args.episodes - r["finished"]
+    cut = f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else ""
     print(f"{cfg.game}: {args.episodes} episodes, returns {r['returns']}\nmean {r['return_mean']:.2f}, max "
-          f"{r['return_max']:.0f}, HNS " + (f"{r['hns']:.3f}" if r["hns"] is not None else "n/a") +
-          (f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else "") + f" | {time.time() - t0:.0f} s")
+          f"{r['return_max']:.0f}, HNS {_hns_text(r['hns'])}{cut} | {time.time() - t0:.0f} s")
     if args.gif:
         common.save_gif(frames, args.gif, fps=15)
         print(f"wrote {args.gif} ({len(frames)} frames)")
-    if args.compare_random:  # the same episodes: same seeds, so the same no-op starts
-        env = AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=args.seed,
-                          device=device)
-        rr = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, 1.0, torch.Generator().manual_seed(args.seed))
+    if args.compare_random:
+        rr = evaluate_policy(agent.actor_critic, make_env(), cfg.eval_max_steps, 1.0,
+                             torch.Generator().manual_seed(args.seed))
         print(f"random policy, same episodes: returns {rr['returns']}\nmean {rr['return_mean']:.2f}, "
               f"max {rr['return_max']:.0f}")
         r["random"] = rr
