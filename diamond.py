@@ -175,15 +175,13 @@ def _import_ale():
 
 def ale_game_ids() -> list:
     """Every Atari game id that ale-py ships (its ROMs come with the wheel), e.g. 'ALE/Breakout-v5'."""
-    gym = _import_ale()
-    return sorted(k for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5"))
+    return sorted(k for k in _import_ale().registry if k.startswith("ALE/") and k.endswith("-v5"))
 
 
 def resolve_game(game: str) -> str:
     """'Breakout-v5', 'Breakout', 'ALE/Breakout-v5' or 'BreakoutNoFrameskip-v4' -> 'ALE/Breakout-v5'.
     An unknown game raises ValueError naming the closest ALE games."""
-    ids = ale_game_ids()
-    by_name = {i[4:-3].lower(): i for i in ids}  # 'breakout' -> 'ALE/Breakout-v5'
+    by_name = {i[4:-3].lower(): i for i in ale_game_ids()}  # 'breakout' -> 'ALE/Breakout-v5'
     name = game.split("/")[-1]
     for suffix in ("-v5", "-v4", "NoFrameskip", "Deterministic"):
         name = name[:-len(suffix)] if name.endswith(suffix) else name
@@ -204,16 +202,13 @@ class AtariEnv:
 
     def __init__(self, game: str, obs_size: int = 64, sticky_actions: float = 0.0,
                  noop_max: int = ATARI_NOOP_MAX, frame_skip: int = ATARI_FRAME_SKIP):
-        gym = _import_ale()
-        self.env = gym.make(resolve_game(game), frameskip=1, repeat_action_probability=sticky_actions,
-                            full_action_space=False, max_num_frames_per_episode=ATARI_MAX_FRAMES, obs_type="ram")
-        self.ale = self.env.unwrapped.ale
+        self.env = _import_ale().make(resolve_game(game), frameskip=1, repeat_action_probability=sticky_actions,
+                                      full_action_space=False, max_num_frames_per_episode=ATARI_MAX_FRAMES,
+                                      obs_type="ram")
+        self.ale, self.num_actions = self.env.unwrapped.ale, int(self.env.action_space.n)
         assert self.env.unwrapped.get_action_meanings()[0] == "NOOP"
-        self.num_actions = int(self.env.action_space.n)
-        self.obs_size, self.noop_max, self.frame_skip = obs_size, noop_max, frame_skip
-        h, w = self.ale.getScreenDims()
-        self.screens = np.zeros((2, h, w, 3), np.uint8)  # the last two emulator frames of a step
-        self.lives = 0
+        self.obs_size, self.noop_max, self.frame_skip, self.lives = obs_size, noop_max, frame_skip, 0
+        self.screens = np.zeros((2, *self.ale.getScreenDims(), 3), np.uint8)  # the last two frames of a step
 
     def reset(self, seed: Optional[int] = None):
         """-> (obs uint8 (3, S, S), info)."""
@@ -239,8 +234,7 @@ class AtariEnv:
                 break
             if t >= self.frame_skip - 2:  # screens of the last two frames: [1] = 3rd, [0] = 4th
                 self.ale.getScreenRGB(self.screens[self.frame_skip - 1 - t])
-        info = dict(info, life_loss=life_loss)
-        return self._obs(), reward, terminated, truncated, info
+        return self._obs(), reward, terminated, truncated, dict(info, life_loss=life_loss)
 
     def _obs(self) -> np.ndarray:
         np.maximum(self.screens[0], self.screens[1], out=self.screens[0])  # in place, as officially
@@ -258,22 +252,20 @@ def frames_to_float(frames) -> torch.Tensor:
 
 class AtariVecEnv:
     """num_envs AtariEnvs stepped in a loop with same-step auto-reset, behind the torch interface of
-    AgentEnvLoop and WorldModelEnv: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info), obs
+    AgentEnvLoop and WorldModelEnv: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info); obs
     float (B, 3, S, S) in [-1, 1], rew raw float32, end/trunc uint8. For envs that finished this step,
-    info["final_observation"] (n_dead, 3, S, S) is their last frame and the returned obs is already the
-    next episode's. done_on_life_loss (training envs): a lost life is an end, but the game goes on (the next
-    obs is the final observation too). At game over the final observation is the game's last frame; the
-    official DoneOnLifeLoss overwrites it there with the new game's first frame (the last life is a life loss
-    too), which we do not copy. info also holds "frames" (B, 3, S, S) uint8 of the returned obs, "dead"
-    (B,) bool, and "scores": raw returns of the games that ended this step (the score that is reported)."""
+    info["final_observation"] (n_dead, 3, S, S) is their last frame and obs is already the next episode's.
+    done_on_life_loss (training envs): a lost life is an end but the game goes on (the next obs is the final
+    observation too); at game over the final observation is the game's last frame (the official DoneOnLifeLoss
+    puts the new game's first frame there, which we do not copy). info also holds "frames" (B, 3, S, S) uint8
+    of obs, "dead" (B,) bool and "scores": raw returns of the games that ended this step (the reported score)."""
 
     def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
                  sticky_actions: float = 0.0, seed: int = 0, device="cpu"):
         self.envs = [AtariEnv(game, obs_size, sticky_actions) for _ in range(num_envs)]
         self.num_envs, self.num_actions = num_envs, self.envs[0].num_actions
         self.done_on_life_loss, self.device = done_on_life_loss, torch.device(device)
-        self.rng = random.Random(seed)
-        self.frames = None
+        self.rng, self.frames = random.Random(seed), None
         self.scores = np.zeros(num_envs)  # raw return of each running game (over all its lives)
 
     def reset(self):
@@ -284,9 +276,8 @@ class AtariVecEnv:
 
     def step(self, act):
         act = torch.as_tensor(act).cpu().numpy()
-        frames, final = self.frames.copy(), []
+        frames, final, scores = self.frames.copy(), [], []
         rew, end, trunc, dead = (np.zeros(self.num_envs, t) for t in (np.float32, np.uint8, np.uint8, bool))
-        scores = []
         for i, env in enumerate(self.envs):
             frames[i], rew[i], terminated, truncated, info = env.step(int(act[i]))
             self.scores[i] += rew[i]
@@ -302,8 +293,8 @@ class AtariVecEnv:
         self.frames = frames
         info = {"frames": frames.copy(), "dead": dead, "scores": scores}
         if dead.any():
-            info["final_observation"] = frames_to_float(np.stack(final)).to(self.device)
             info["final_frames"] = np.stack(final)
+            info["final_observation"] = frames_to_float(info["final_frames"]).to(self.device)
         to = lambda a: torch.from_numpy(a).to(self.device)
         return frames_to_float(frames).to(self.device), to(rew), to(end), to(trunc), info
 
@@ -321,15 +312,14 @@ class Collector:
     for all envs, as officially) the step's actions are uniform random instead."""
 
     def __init__(self, env: AtariVecEnv, dataset: "ReplayDataset", seed: int = 0):
-        self.env, self.dataset = env, dataset
-        self.rng = np.random.default_rng(seed)
+        self.env, self.dataset, self.rng = env, dataset, np.random.default_rng(seed)
         self.obs = self.first = None
         self.episode_ids = [None] * env.num_envs
 
     def collect(self, num_steps: int, policy=None, epsilon: float = 0.0) -> dict:
         """Collect num_steps transitions (summed over envs; rounded up to whole vector steps). Returns
         dict(steps, scores: raw returns of the games that ended, episodes: number of dataset episodes closed)."""
-        env, B = self.env, self.env.num_envs
+        env, B, ds, ids = self.env, self.env.num_envs, self.dataset, self.episode_ids
         if self.obs is None:
             self.obs, _ = env.reset()
             self.first = torch.ones(B, dtype=torch.bool)
@@ -340,18 +330,16 @@ class Collector:
             else:
                 act = torch.as_tensor(policy(self.obs, self.first)).long().cpu()
             frames = env.frames
-            next_obs, rew, end, trunc, info = env.step(act)
+            self.obs, rew, end, trunc, info = env.step(act)
             rew, end, trunc = rew.cpu().numpy(), end.cpu().numpy(), trunc.cpu().numpy()  # one copy, not B syncs
             k = 0
             for i in range(B):
-                if self.episode_ids[i] is None:
-                    self.episode_ids[i] = self.dataset.new_episode()
-                self.dataset.append(self.episode_ids[i], frames[i], int(act[i]), float(rew[i]), int(end[i]),
-                                    int(trunc[i]))
+                ids[i] = ds.new_episode() if ids[i] is None else ids[i]
+                ds.append(ids[i], frames[i], int(act[i]), float(rew[i]), int(end[i]), int(trunc[i]))
                 if info["dead"][i]:
-                    self.dataset.close_episode(self.episode_ids[i], info["final_frames"][k])
-                    self.episode_ids[i], k, closed = None, k + 1, closed + 1
-            self.obs, self.first = next_obs, torch.from_numpy(info["dead"].copy())
+                    ds.close_episode(ids[i], info["final_frames"][k])
+                    ids[i], k, closed = None, k + 1, closed + 1
+            self.first = torch.from_numpy(info["dead"].copy())
             scores += info["scores"]
             steps += B
         return {"steps": steps, "scores": scores, "episodes": closed}
@@ -361,20 +349,16 @@ class Collector:
 # =====================================================================================================
 
 class Episode:
-    """One episode in growable uint8/int arrays: obs[t] is the frame seen BEFORE act[t]; rew[t], end[t],
-    trunc[t] belong to the transition (obs[t], act[t], obs[t+1]). final_obs is the frame after the last
-    action (for an episode that ended or was truncated), None while it is still being collected."""
+    """One episode in growable arrays: obs[t] is the frame seen BEFORE act[t]; rew[t], end[t], trunc[t]
+    belong to the transition (obs[t], act[t], obs[t+1]). final_obs is the frame after the last action (for
+    an episode that ended or was truncated), None while it is still being collected."""
+
+    ARRAYS = dict(obs=np.uint8, act=np.int64, rew=np.float32, end=np.uint8, trunc=np.uint8)  # name -> dtype
 
     def __init__(self, frame_shape, capacity: int = 64):
-        self.len = 0
-        self.obs = np.zeros((capacity, *frame_shape), np.uint8)
-        self.act = np.zeros(capacity, np.int64)
-        self.rew = np.zeros(capacity, np.float32)
-        self.end = np.zeros(capacity, np.uint8)
-        self.trunc = np.zeros(capacity, np.uint8)
-        self.final_obs, self.finished, self.saved = None, False, False
-
-    ARRAYS = ("obs", "act", "rew", "end", "trunc")
+        for k, dtype in self.ARRAYS.items():
+            setattr(self, k, np.zeros((capacity, *frame_shape) if k == "obs" else capacity, dtype))
+        self.len, self.final_obs, self.finished, self.saved = 0, None, False, False
 
     def append(self, frame, act, rew, end, trunc):
         if self.len == len(self.act):  # double the capacity
@@ -383,8 +367,7 @@ class Episode:
                 setattr(self, k, np.concatenate([a, np.zeros_like(a)]))
         t = self.len
         self.obs[t], self.act[t], self.rew[t], self.end[t], self.trunc[t] = frame, act, rew, end, trunc
-        self.len += 1
-        self.saved = False
+        self.len, self.saved = t + 1, False
 
 
 class ReplayDataset:
@@ -401,15 +384,10 @@ class ReplayDataset:
     written last, so a kill at any moment leaves the previous complete dataset."""
 
     def __init__(self, frame_shape=(3, 64, 64)):
-        self.frame_shape = tuple(frame_shape)
-        self.episodes: list = []
+        self.frame_shape, self.episodes = tuple(frame_shape), []
 
     def __len__(self) -> int:
         return sum(ep.len for ep in self.episodes)
-
-    @property
-    def num_episodes(self) -> int:
-        return len(self.episodes)
 
     def new_episode(self) -> int:
         self.episodes.append(Episode(self.frame_shape))
@@ -439,8 +417,7 @@ class ReplayDataset:
         if sample_weights is None or n < len(sample_weights):
             return lengths / lengths.sum()
         k = len(sample_weights)
-        chunk = n // k  # the last chunk takes the remainder
-        p = np.zeros(n)
+        chunk, p = n // k, np.zeros(n)  # the last chunk takes the remainder
         for j, w in enumerate(sample_weights):
             lo, hi = j * chunk, (n if j == k - 1 else (j + 1) * chunk)
             p[lo:hi] = w / (hi - lo)
@@ -454,10 +431,9 @@ class ReplayDataset:
         rng = rng if rng is not None else np.random.default_rng()
         ep_ids = rng.choice(len(self.episodes), size=batch_size, p=self.episode_probs(sample_weights))
         L = seq_len
-        obs = np.zeros((batch_size, L, *self.frame_shape), np.uint8)
-        pad = np.zeros((batch_size, L), bool)  # True = padding (frames filled with float 0 below)
-        out = {k: np.zeros((batch_size, L), d)
-               for k, d in (("act", np.int64), ("rew", np.float32), ("end", np.uint8), ("trunc", np.uint8))}
+        out = {k: np.zeros((batch_size, L, *self.frame_shape) if k == "obs" else (batch_size, L), d)
+               for k, d in Episode.ARRAYS.items()}
+        pad = np.ones((batch_size, L), bool)  # True = padding (frames filled with float 0 below)
         final = np.zeros((batch_size, *self.frame_shape), np.uint8)
         has_final = np.zeros(batch_size, bool)
         for b, i in enumerate(ep_ids):
@@ -470,20 +446,16 @@ class ReplayDataset:
                 stop = min(ep.len, t + 1 + rng.integers(L))
                 start = stop - L
             lo, hi = max(start, 0), min(stop, ep.len)
-            obs[b, lo - start:hi - start] = ep.obs[lo:hi]
             for k in out:
                 out[k][b, lo - start:hi - start] = getattr(ep, k)[lo:hi]
-            pad[b] = True
             pad[b, lo - start:hi - start] = False
             if ep.final_obs is not None:
                 final[b], has_final[b] = ep.final_obs, True
-        x = frames_to_float(obs)
+        x = frames_to_float(out.pop("obs"))
         x[torch.from_numpy(pad)] = 0.0  # official padding: zeros in [-1, 1] space
         f = frames_to_float(final) * torch.from_numpy(has_final)[:, None, None, None]
-        batch = {k: torch.from_numpy(v) for k, v in out.items()}
-        return dict(batch, obs=x, mask_padding=torch.from_numpy(~pad), final_obs=f)
-
-    # --- persistence ---------------------------------------------------------------------------------------
+        return dict({k: torch.from_numpy(v) for k, v in out.items()}, obs=x, mask_padding=torch.from_numpy(~pad),
+                    final_obs=f)
 
     def save(self, folder) -> None:
         """Write new or changed episodes (each atomically), then the index (atomically, last)."""
@@ -508,14 +480,13 @@ class ReplayDataset:
         folder = Path(folder)
         index = json.loads((folder / "index.json").read_text())
         ds = cls(tuple(index["frame_shape"]))
-        for i, n in enumerate(index["lengths"]):
+        for i, (n, finished) in enumerate(zip(index["lengths"], index["finished"])):
+            ep = Episode(ds.frame_shape, capacity=max(n, 1))
             with np.load(folder / f"episode_{i:06d}.npz") as z:
-                ep = Episode(ds.frame_shape, capacity=max(n, 1))
                 for k in Episode.ARRAYS:
                     getattr(ep, k)[:n] = z[k][:n]  # an open episode may have grown after the index was written
-                ep.len = n
-                ep.final_obs = z["final_obs"].copy() if "final_obs" in z.files and index["finished"][i] else None
-            ep.finished, ep.saved = True, index["finished"][i]
+                ep.final_obs = z["final_obs"].copy() if "final_obs" in z.files and finished else None
+            ep.len, ep.finished, ep.saved = n, True, finished
             ds.episodes.append(ep)
         return ds
 
@@ -541,6 +512,18 @@ def _atomic_write(path: Path, write) -> None:
 SIGMA_DATA = 0.5           # EDM sigma_data of frames in [-1, 1]
 SIGMA_OFFSET_NOISE = 0.3   # std of the per-channel offset noise; also enters every conditioner
 ATTN_HEAD_DIM = 8          # SelfAttention2d: heads = max(1, C // 8)
+GN_GROUP_SIZE = 32         # official blocks.py: GroupNorm with max(1, C // 32) groups, eps 1e-5
+
+
+class _NormWrap(nn.Module):
+    """GroupNorm under the attribute `.norm` (official blocks.GroupNorm), for the official key names."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(max(1, channels // GN_GROUP_SIZE), channels, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
 
 
 class AdaGroupNorm(nn.Module):
@@ -905,24 +888,23 @@ class WorldModelEnv:
         self.obs_buffer = self.act_buffer = self.ep_len = self.hx_cx = None
 
     @torch.no_grad()
-    def _contexts(self, n: int):
-        """n real K-frame contexts and the reward/end LSTM state after their K-1 transitions."""
-        seg = self.dataset.sample_segments(n, self.K, pad_right=False, sample_weights=self.sample_weights,
-                                           rng=self.rng)
-        obs, act = seg["obs"].to(self.device), seg["act"].to(self.device)
-        _, _, (h, c) = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
-        return obs, act, h, c
+    def _contexts(self, n: int, contexts=None):
+        """n K-frame contexts (obs, act), by default real ones from the dataset, and the reward/end LSTM state
+        (h, c) after their K-1 transitions."""
+        if contexts is None:
+            seg = self.dataset.sample_segments(n, self.K, pad_right=False, sample_weights=self.sample_weights,
+                                               rng=self.rng)
+            contexts = seg["obs"], seg["act"]
+        obs, act = contexts[0].to(self.device), contexts[1].to(self.device)
+        _, _, hx_cx = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
+        return obs, act, hx_cx
 
     @torch.no_grad()
     def reset(self, contexts=None):
         """contexts: optional (obs (B, K, C, H, W) in [-1, 1], act (B, K)) to start from (e.g. a dream of a
         given real game); by default random contexts from the dataset."""
-        if contexts is None:
-            obs, act, h, c = self._contexts(self.num_envs)
-        else:
-            obs, act = contexts[0].to(self.device), contexts[1].to(self.device)
-            _, _, (h, c) = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
-        self.obs_buffer, self.act_buffer, self.hx_cx = obs.clone(), act.clone(), (h, c)
+        obs, act, self.hx_cx = self._contexts(self.num_envs, contexts)
+        self.obs_buffer, self.act_buffer = obs.clone(), act.clone()
         self.ep_len = torch.zeros(obs.size(0), dtype=torch.long, device=self.device)
         return self.obs_buffer[:, -1], {}
 
@@ -939,37 +921,19 @@ class WorldModelEnv:
         end = self._sample_categorical(logits_end[:, 0])
         self.ep_len += 1
         trunc = (self.ep_len >= self.horizon).long()
-        self.obs_buffer = self.obs_buffer.roll(-1, dims=1)
-        self.act_buffer = self.act_buffer.roll(-1, dims=1)
+        self.obs_buffer, self.act_buffer = self.obs_buffer.roll(-1, dims=1), self.act_buffer.roll(-1, dims=1)
         self.obs_buffer[:, -1] = next_obs
-        dead = torch.logical_or(end.bool(), trunc.bool())
-        info = {}
+        dead, info = torch.logical_or(end.bool(), trunc.bool()), {}
         if dead.any():
-            info["final_observation"] = next_obs[dead]
-            obs, act_ctx, h, c = self._contexts(int(dead.sum()))
+            obs, act_ctx, (h, c) = self._contexts(int(dead.sum()))
             self.obs_buffer[dead], self.act_buffer[dead], self.ep_len[dead] = obs, act_ctx, 0
-            hx, cx = self.hx_cx
-            hx[:, dead], cx[:, dead] = h, c
-            info["burnin_obs"] = obs[:, :-1]
+            self.hx_cx[0][:, dead], self.hx_cx[1][:, dead] = h, c
+            info = {"final_observation": next_obs[dead], "burnin_obs": obs[:, :-1]}
         return self.obs_buffer[:, -1], rew, end, trunc, info
 
 # =====================================================================================================
 # agent: actor-critic, lambda-returns, loss
 # =====================================================================================================
-
-GN_GROUP_SIZE = 32  # official blocks.py: GroupNorm with max(1, C // 32) groups, eps 1e-5
-
-
-class _NormWrap(nn.Module):
-    """GroupNorm under the attribute `.norm` (official blocks.GroupNorm), for the official key names."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(max(1, channels // GN_GROUP_SIZE), channels, eps=1e-5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
 
 class SmallResBlock(nn.Module):
     """x + f(x) with f = GroupNorm -> SiLU -> Conv3x3 (official blocks.SmallResBlock; a 1x1 projection on
@@ -979,8 +943,7 @@ class SmallResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.f = nn.Sequential(_NormWrap(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.skip_projection = (nn.Identity() if in_channels == out_channels
-                                else nn.Conv2d(in_channels, out_channels, 1))
+        self.skip_projection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip_projection(x) + self.f(x)
@@ -1028,16 +991,15 @@ class ActorCriticNetwork(nn.Module):
 
 def init_lstm_weights(lstm: nn.Module):
     """Official init_lstm: W_ih xavier-uniform, W_hh orthogonal, biases 0 but the forget-gate part of
-    b_ih (rows [H, 2H)) at 1 so the cell remembers at the start of training. nn.LSTM keys end in _l0."""
-    sfx = "_l0" if isinstance(lstm, nn.LSTM) else ""
-    nn.init.xavier_uniform_(getattr(lstm, "weight_ih" + sfx))
-    nn.init.orthogonal_(getattr(lstm, "weight_hh" + sfx))
-    b_ih, b_hh = getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)
+    b_ih (rows [H, 2H)) at 1 so the cell remembers at the start of training."""
+    sfx = "_l0" if isinstance(lstm, nn.LSTM) else ""  # nn.LSTM keys end in _l0, nn.LSTMCell keys do not
+    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    nn.init.xavier_uniform_(w_ih)
+    nn.init.orthogonal_(w_hh)
     nn.init.zeros_(b_ih)
     nn.init.zeros_(b_hh)
-    H = lstm.hidden_size
     with torch.no_grad():
-        b_ih[H:2 * H] = 1.0
+        b_ih[lstm.hidden_size:2 * lstm.hidden_size] = 1.0
 
 
 def compute_lambda_returns(rew, end, trunc, val_bootstrap, gamma: float, lambda_: float) -> torch.Tensor:
@@ -1045,17 +1007,13 @@ def compute_lambda_returns(rew, end, trunc, val_bootstrap, gamma: float, lambda_
     G_t = r_t + gamma (1-d_t) [(1-tau_t)(1-lambda) + tau_t] vb_t + (1-e_t) gamma lambda G_{t+1}, with e = d or tau
     and vb_t = V(o_{t+1}) (for a finished env, the value of its final frame). An end (d) cuts the value; a
     truncation (tau) bootstraps fully on vb_t. The sum starts from G_T := vb_{T-1}."""
-    rew = rew.sign()
-    end, trunc = end.float(), trunc.float()
+    rew, end, trunc = rew.sign(), end.float(), trunc.float()
     not_end_or_trunc = 1 - (end + trunc).clamp(max=1)
     returns = rew + gamma * (1 - end) * ((1 - trunc) * (1 - lambda_) + trunc) * val_bootstrap
-    nxt = val_bootstrap[:, -1]
-    out = []
+    out = [val_bootstrap[:, -1]]  # G_T, then G_{T-1} .. G_0
     for t in reversed(range(rew.size(1))):
-        g = returns[:, t] + not_end_or_trunc[:, t] * gamma * lambda_ * nxt
-        out.append(g)
-        nxt = g
-    return torch.stack(out[::-1], dim=1)
+        out.append(returns[:, t] + not_end_or_trunc[:, t] * gamma * lambda_ * out[-1])
+    return torch.stack(out[:0:-1], dim=1)
 
 
 def actor_critic_loss(logits, values, act, rew, end, trunc, val_bootstrap, gamma: float = 0.985,
@@ -1069,22 +1027,20 @@ def actor_critic_loss(logits, values, act, rew, end, trunc, val_bootstrap, gamma
     loss_actions = (-dist.log_prob(act) * (returns - values).detach()).mean()
     loss_values = value_weight * F.mse_loss(values, returns)
     loss_entropy = -entropy_weight * entropy
-    loss = loss_actions + loss_values + loss_entropy
-    metrics = dict(loss_actions=loss_actions.item(), loss_values=loss_values.item(),
-                   loss_entropy=loss_entropy.item(), policy_entropy_bits=entropy.item() / math.log(2),
-                   lambda_return_mean=returns.mean().item())
-    return loss, metrics
+    return loss_actions + loss_values + loss_entropy, dict(
+        loss_actions=loss_actions.item(), loss_values=loss_values.item(), loss_entropy=loss_entropy.item(),
+        policy_entropy_bits=entropy.item() / math.log(2), lambda_return_mean=returns.mean().item())
 
 
 class AgentEnvLoop:
     """The actor-critic acting in a batched environment (official coroutines/env_loop.py), for imagined
-    training, real collection and real evaluation. The LSTM state persists between `rollout` calls and is
-    detached at the start of each, so gradients flow back through one rollout (truncated BPTT).
+    training and real evaluation. The LSTM state persists between `rollout` calls and is detached at the
+    start of each, so gradients flow back through one rollout (truncated BPTT).
 
-    env API (WorldModelEnv and the real TorchEnv alike): reset() -> (obs (B,3,H,W) float in [-1,1], info);
+    env API (WorldModelEnv and AtariVecEnv alike): reset() -> (obs (B, 3, H, W) float in [-1, 1], info);
     step(act (B,)) -> (next_obs, rew (B,), end (B,), trunc (B,), info); for finished envs info has
-    "final_observation" (n_dead,3,H,W) and the returned obs is already the next episode's first frame;
-    an imagined env also gives "burnin_obs" (n_dead, K, 3, H, W): the new real context, fed to the LSTM."""
+    "final_observation" (n_dead, 3, H, W) and the returned obs is already the next episode's first frame;
+    an imagined env also gives "burnin_obs" (n_dead, K-1, 3, H, W): the new real context, fed to the LSTM."""
 
     def __init__(self, env, actor_critic: ActorCriticNetwork, epsilon: float = 0.0, generator=None):
         self.env, self.ac, self.epsilon = env, actor_critic, epsilon
@@ -1096,8 +1052,7 @@ class AgentEnvLoop:
         (no grad) and logits (B, T, A) and val (B, T) (with grad when `grad`), plus obs (B, T, 3, H, W)."""
         if self.obs is None:
             self.obs, _ = self.env.reset()
-            n = self.obs.size(0)
-            self.hx = torch.zeros(n, self.ac.lstm_dim, device=self.obs.device)
+            self.hx = torch.zeros(self.obs.size(0), self.ac.lstm_dim, device=self.obs.device)
             self.cx = torch.zeros_like(self.hx)
         hx, cx, obs = self.hx.detach(), self.cx.detach(), self.obs
         keys = ("obs", "act", "rew", "end", "trunc", "logits", "val", "val_final")
@@ -1142,16 +1097,12 @@ class AgentEnvLoop:
             act = torch.randint(logits.size(-1), act.shape, generator=self.generator)  # one draw for all envs
         return act.to(logits.device)
 
-
-def actor_critic_update(loop: AgentEnvLoop, cfg: DiamondConfig) -> tuple[torch.Tensor, dict]:
-    """One actor-critic loss: imagine `imagination_horizon` steps in every env, then the loss on them."""
-    r = loop.rollout(cfg.imagination_horizon)
-    return actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"], r["val_bootstrap"],
-                             cfg.discount_factor, cfg.lambda_returns, cfg.value_weight, cfg.entropy_weight)
-
 # =====================================================================================================
 # training loop, evaluation, dreams
 # =====================================================================================================
+
+MODEL_NAMES = ("denoiser", "rew_end_model", "actor_critic")
+DENOISER_SEGMENT_EXTRA = 2  # official: num_autoregressive_steps 1 -> segments of K + 2 frames, 2 predictions
 
 # (random, human) scores of the 26 Atari-100k games: the standard table (DQN / Atari-100k papers), with
 # which the paper's mean HNS 1.46 is reproduced. HNS = (score - random) / (human - random).
@@ -1202,15 +1153,14 @@ def optimizer_step(name: str, loss: torch.Tensor, model: nn.Module, opt, sched, 
                    step: int) -> float:
     """backward -> clip -> step -> warm-up: one update of one of the three models. Returns the grad norm.
     A non-finite loss or gradient raises before the weights change."""
+    stopped = "training stopped, the last checkpoint is the last good state"
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite {name} loss ({loss.item()}) at {name} step {step}; "
-                                 "training stopped, the last checkpoint is the last good state")
+        raise NonFiniteLossError(f"non-finite {name} loss ({loss.item()}) at {name} step {step}; {stopped}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if not torch.isfinite(grad_norm):
-        raise NonFiniteLossError(f"non-finite {name} gradient norm at {name} step {step}; "
-                                 "training stopped, the last checkpoint is the last good state")
+        raise NonFiniteLossError(f"non-finite {name} gradient norm at {name} step {step}; {stopped}")
     opt.step()
     sched.step()
     return grad_norm.item()
@@ -1265,10 +1215,6 @@ def load_official_agent(agent: Agent, path) -> None:
         except RuntimeError as e:
             raise ValueError(f"{path}: the {name} weights do not fit this configuration (official agents need "
                              f"--preset large and the game they were trained on): {e}") from None
-
-
-MODEL_NAMES = ("denoiser", "rew_end_model", "actor_critic")
-DENOISER_SEGMENT_EXTRA = 2  # official: num_autoregressive_steps 1 -> segments of K + 2 frames, 2 predictions
 
 
 class LSTMPolicy:
