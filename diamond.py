@@ -1132,7 +1132,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     biases, embeddings and normalisation weights do not."""
     decay_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.LSTMCell)
     decay, no_decay = [], []
-    for mod_name, mod in model.named_modules():
+    for mod in model.modules():
         for p_name, p in mod.named_parameters(recurse=False):
             is_weight = p_name.startswith("weight")  # LSTM: weight_ih(_l0), weight_hh(_l0)
             (decay if is_weight and isinstance(mod, decay_types) else no_decay).append(p)
@@ -1173,12 +1173,9 @@ def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsil
     sampled from the policy (epsilon = 1: the uniform random policy). An episode still running after
     max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames."""
     loop = AgentEnvLoop(env, actor_critic, epsilon=epsilon, generator=generator)
-    returns, done, steps = None, None, 0
-    while steps < max_steps and (done is None or not done.all()):
+    returns, done, steps = torch.zeros(env.num_envs), torch.zeros(env.num_envs, dtype=torch.bool), 0
+    while steps < max_steps and not done.all():
         r = loop.rollout(1, grad=False)
-        if returns is None:
-            returns = torch.zeros(r["rew"].size(0))
-            done = torch.zeros(r["rew"].size(0), dtype=torch.bool)
         if frames is not None and not done[0]:
             frames.append(common.to_uint8(r["obs"][0, 0:1])[0].permute(1, 2, 0).numpy())
         returns += r["rew"][:, 0].float().cpu() * (~done)
