@@ -1356,24 +1356,26 @@ def train_shapes_classifier(seed: int = SHAPES_CLF_TRAIN_SEED) -> nn.Sequential:
 
 def shapes_classifier(cache_dir: Optional[str] = None) -> nn.Sequential:
     """The reference classifier (eval mode, CPU): from this process's memo, else from
-    cache_dir/shapes_classifier-KEY.pt (a state dict, loaded weights_only), else trained in seconds
-    and written there. With cache_dir=None it is trained once per process."""
+    cache_dir/shapes_classifier-KEY.pt (a state dict, loaded weights_only), else trained in seconds.
+    Whenever cache_dir is given and lacks the file, the network is written there.
+    With cache_dir=None it is trained once per process."""
     key = shapes_cache_key()
+    path = Path(cache_dir) / f"shapes_classifier-{key}.pt" if cache_dir is not None else None
     if ("clf", key) not in _SHAPES_MEMO:
-        path = Path(cache_dir) / f"shapes_classifier-{key}.pt" if cache_dir is not None else None
         if path is not None and path.exists():
             net = shapes_classifier_net(len(SHAPES_CLASSES))
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             net.eval().requires_grad_(False)
         else:
             net = train_shapes_classifier()
-            if path is not None:  # write a temporary file, then rename: readers never see half a file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                torch.save(net.state_dict(), tmp)
-                os.replace(tmp, path)
         _SHAPES_MEMO[("clf", key)] = net
-    return _SHAPES_MEMO[("clf", key)]
+    net = _SHAPES_MEMO[("clf", key)]
+    if path is not None and not path.exists():  # write a temporary file, then rename: readers never see half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, path)
+    return net
 
 
 @torch.no_grad()
