@@ -259,10 +259,11 @@ class Denoiser:
 
     def __init__(self, net, alphas_cumprod: torch.Tensor, *, pred: str = "eps", y: Optional[torch.Tensor] = None,
                  y_null: Optional[torch.Tensor] = None, guidance: float = 0.0, learned_sigma: bool = False,
-                 quantize_t: bool = False):
+                 quantize_t: bool = False, clip_denoised: bool = False):
         if pred not in PREDICTIONS:
             raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
         self.net, self.pred, self.learned_sigma, self.quantize_t = net, pred, learned_sigma, quantize_t
+        self.clip_denoised = clip_denoised  # VE view: clamp D(x; sigma) to the data range [-1, 1]
         self.y, self.y_null, self.guidance = y, y_null, guidance
         # schedule math runs on the CPU in float64 (a 1000-entry table; MPS has no float64); only x lives on device
         self.alphas_cumprod = alphas_cumprod.detach().cpu().to(torch.float64)
@@ -288,7 +289,7 @@ class Denoiser:
         t = sigma_to_t(sigma, self.alphas_cumprod, self.quantize_t)
         scale = append_dims(abar.sqrt().to(x.dtype), x.dim()).to(x.device)   # x_t = x / sqrt(1 + sigma^2)
         x0, _, _ = self.predict(x * scale, t, abar)
-        return x0
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
 
 
 def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -471,15 +472,20 @@ def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: s
               with learned_sigma), clip_denoised (True)
       "ddim"  steps, eta, spacing "leading" | "trailing" | "linspace" (default "leading"), clip_denoised (False)
       "euler", "heun"  Karras sigmas: rho (7), sigma_min / sigma_max (default: the table's sigma at t = 0 and T-1),
-              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers
-      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0."""
+              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers; clip_denoised (False)
+      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0;
+              clip_denoised (False)
+    clip_denoised clamps every predicted x0 to [-1, 1]: for an under-trained pixel model (whose x0 at high noise
+    overshoots) it can matter more than the sampler; with strong guidance it can hurt (it also clips the push)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"--eta {eta} only applies to --sampler ddim")
     T = len(alphas_cumprod)
+    ve = sampler in ("euler", "heun", "dpmpp")  # these see the net through Denoiser.__call__, which clips
     model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance,
-                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False))
+                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False),
+                     clip_denoised=options.pop("clip_denoised", False) if ve else False)
     if sampler == "ddpm":
         ts = timesteps(T, steps, options.pop("spacing", "linspace"))
         options.setdefault("variance", "learned" if learned_sigma else "small")

@@ -688,6 +688,9 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="large", choices=("small", "large"),
                    help="ddpm sampler: sigma^2 = beta_tilde (small) or beta (large, the official default)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp every predicted x0 to [-1, 1] (default: the ddpm sampler clips, as the official "
+                        "code; the others do not)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -696,11 +699,8 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def sampler_options(args) -> dict:
-    if args.sampler == "ddpm":
-        return {"variance": args.variance}
-    if args.sampler == "ddim":
-        return {"eta": args.eta}
-    return {}
+    opts = {"variance": args.variance} if args.sampler == "ddpm" else {"eta": args.eta} if args.sampler == "ddim" else {}
+    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
 
 def load_for_sampling(args, device):

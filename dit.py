@@ -854,7 +854,7 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                    help="ddpm sampler: sigma^2 = beta_tilde (small), beta (large) or the model's own (learned; "
                         "default with --learn-sigma, else small)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="ddpm/ddim: clip x0 to [-1, 1] at every step (default: ddpm clips, ddim does not)")
+                   help="clamp every predicted x0 to [-1, 1] (default: the ddpm sampler clips, the others do not)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
@@ -867,8 +867,6 @@ def sampler_options(args) -> dict:
         raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {args.sampler})")
     if args.eta and args.sampler != "ddim":
         raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {args.sampler})")
-    if args.clip is not None and args.sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"--clip only applies to --sampler ddpm | ddim (got --sampler {args.sampler})")
     opts = {"variance": args.variance} if args.variance else {"eta": args.eta} if args.sampler == "ddim" else {}
     return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
