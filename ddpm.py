@@ -588,7 +588,7 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     common.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = DDPM(cfg, data.num_classes).to(device)
     ema = common.make_ema(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # betas (0.9, 0.999), eps 1e-8: TF1 defaults
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **common.fused_adam(device))  # betas, eps: TF1 defaults
     start = 0
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"])

@@ -1137,7 +1137,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
             is_weight = p_name.startswith("weight")  # LSTM: weight_ih(_l0), weight_hh(_l0)
             (decay if is_weight and isinstance(mod, decay_types) else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             **common.fused_adam(next(model.parameters()).device))
 
 
 def make_warmup(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

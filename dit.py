@@ -754,7 +754,7 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
     model = build_model(cfg, num_classes).to(device)
     ema = common.make_ema(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.LR,
-                            weight_decay=cfg.WEIGHT_DECAY)
+                            weight_decay=cfg.WEIGHT_DECAY, **common.fused_adam(device))
     diffusion = Diffusion(cfg.TIMESTEPS, cfg.BETA_START, cfg.BETA_END, device)
     start = 0
     if ckpt is not None:

@@ -65,9 +65,9 @@ def autocast():
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
 
 
-def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4):
+def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, **opt_kwargs):
     """A function doing one full training step: loss (autocast on GPU), backward, optimizer update."""
-    opt = opt_cls([p for p in params if p.requires_grad], lr=lr)
+    opt = opt_cls([p for p in params if p.requires_grad], lr=lr, **opt_kwargs)
 
     def step():
         with autocast():
@@ -79,8 +79,9 @@ def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4):
 
 
 def train_rate(model, loss_fn, batch, params=None):
-    """Items/s of full optimizer steps, and forward FLOPs per item."""
-    sec = timeit(optimizer_step(params or model.parameters(), loss_fn))
+    """Items/s of full optimizer steps (fused Adam where torch has it, as the training loops), forward FLOPs per item."""
+    import common
+    sec = timeit(optimizer_step(params or model.parameters(), loss_fn, **common.fused_adam(DEVICE)))
     with torch.no_grad():
         flops = forward_flops(loss_fn) / batch
     return batch / sec, flops
@@ -196,20 +197,24 @@ def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) ->
 # A/B against the reference implementations, same weights, same numerics, alternating timed rounds
 
 
-def ab_rates(steps: dict, batch: int, rounds: int) -> dict:
-    """Items/s of each named training-step function, timed in alternating rounds (the best round of each), so
-    that any drift in machine load during the run hits every contender alike."""
+def ab_rates(steps: dict, batch: int, rounds: int) -> tuple:
+    """Time named training-step functions ({"ours": f, <reference>: g}) in alternating rounds, so that drift in
+    machine load hits both alike. Returns ({name: items/s at its median round}, speedup of "ours"), the speedup
+    being the median over rounds of t_reference / t_ours within the same round (paired, robust to drift)."""
     for step in steps.values():
         step(), step()  # warm-up (allocator, oneDNN primitive caches)
-    best = dict.fromkeys(steps, float("inf"))
+    times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             sync()
             t0 = time.perf_counter()
             step()
             sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: batch / sec for name, sec in best.items()}
+            times[name].append(time.perf_counter() - t0)
+    ref = next(name for name in steps if name != "ours")
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    speedup = median([r / o for r, o in zip(times[ref], times["ours"])])
+    return {name: batch / median(t) for name, t in times.items()}, speedup
 
 
 def perturb_(model, std=0.02):
@@ -258,6 +263,7 @@ def ab_dit(B: int) -> dict:
     gathered per call, mean-flat MSE; AdamW lr 1e-4 as official train.py), CIFAR default config."""
     import copy
     import numpy as np
+    import common
     import dit
     torch.manual_seed(0)
     cfg = dit.get_dit_config(DATASET="shapes")
@@ -282,13 +288,12 @@ def ab_dit(B: int) -> dict:
         x_t = extract(sqrt_abar, t) * x + extract(sqrt_1m_abar, t) * noise
         return ((noise - official_dit_forward(ref, x_t, t, y, True)) ** 2).mean(dim=[1, 2, 3]).mean()
 
-    rates = ab_rates({"official": optimizer_step(ref.parameters(), ref_loss, torch.optim.AdamW),
-                      "ours": optimizer_step(ours.parameters(),
-                                             lambda: diffusion.loss(ours, x, y, ours.null_class, 0.1)[0],
-                                             torch.optim.AdamW)}, B, rounds=12)
+    rates, speedup = ab_rates({"official": optimizer_step(ref.parameters(), ref_loss, torch.optim.AdamW),
+                               "ours": optimizer_step(ours.parameters(),  # the optimizer of dit.py's loop
+                                                      lambda: diffusion.loss(ours, x, y, ours.null_class, 0.1)[0],
+                                                      torch.optim.AdamW, **common.fused_adam(DEVICE))}, B, rounds=25)
     return {"ab_reference": "official DiT op order (models.py + timm layers)", "ab_ours_items_s": rates["ours"],
-            "ab_ref_items_s": rates["official"], "ab_speedup": rates["ours"] / rates["official"],
-            "ab_max_abs_diff": diff}
+            "ab_ref_items_s": rates["official"], "ab_speedup": speedup, "ab_max_abs_diff": diff}
 
 
 def ab_ddpm(B: int) -> dict:
@@ -299,6 +304,7 @@ def ab_ddpm(B: int) -> dict:
         from diffusers import DDPMScheduler, UNet2DModel
     except ImportError:
         return {"ab_reference": "diffusers UNet2DModel: not installed (pip install diffusers to compare)"}
+    import common
     import ddpm
     from test_ddpm import DIFFUSERS_CONFIG
     torch.manual_seed(0)
@@ -318,11 +324,12 @@ def ab_ddpm(B: int) -> dict:
         t = torch.randint(0, 1000, (B,), device=DEVICE)
         return torch.nn.functional.mse_loss(ref(sched.add_noise(x, noise, t), t).sample, noise)
 
-    rates = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
-                      "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4)}, B, rounds=6)
+    rates, speedup = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
+                               "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4,  # ddpm.py's
+                                                      **common.fused_adam(DEVICE))}, B, rounds=9)
     return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
-            "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"],
-            "ab_speedup": rates["ours"] / rates["diffusers"], "ab_max_abs_diff": diff}
+            "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"], "ab_speedup": speedup,
+            "ab_max_abs_diff": diff}
 
 
 BENCHES = {"ddpm": bench_ddpm, "dit": bench_dit, "diamond": bench_diamond}
@@ -371,7 +378,8 @@ def main():
                 print(f"    {k[6:]}: {v}")
         if "ab_speedup" in r:
             print(f"    A/B vs {r['ab_reference']}: ours {r['ab_ours_items_s']:.2f} vs {r['ab_ref_items_s']:.2f} "
-                  f"{r['unit']}/s = {r['ab_speedup']:.3f}x (outputs agree to {r['ab_max_abs_diff']:.1e})")
+                  f"{r['unit']}/s (median rounds), paired speedup {r['ab_speedup']:.3f}x (outputs agree to "
+                  f"{r['ab_max_abs_diff']:.1e})")
         elif "ab_reference" in r:
             print(f"    A/B: {r['ab_reference']}")
     info = {"device": str(DEVICE), "bf16": BF16, "torch": torch.__version__, "threads": torch.get_num_threads(),
