@@ -1333,8 +1333,9 @@ class Trainer:
             else:
                 loss, m = self.world_model_loss(name)
             self.steps[name] += 1
-            m = dict(m, loss=loss.item(), grad_norm=optimizer_step(name, loss, model, self.opt[name], self.sched[name],
-                                                                   self.max_grad_norm[name], self.steps[name]))
+            grad_norm = optimizer_step(name, loss, model, self.opt[name], self.sched[name], self.max_grad_norm[name],
+                                       self.steps[name])
+            m = dict(m, loss=loss.item(), grad_norm=grad_norm)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / max(num_steps, 1) for k, v in sums.items()}
@@ -1347,7 +1348,8 @@ class Trainer:
         n0 = len(self.dataset)
         scores = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)["scores"]
         # reward signs of the new steps (the open episode grows at the end, later episodes are new)
-        for s in np.sign(np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]).astype(int):
+        new_rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]
+        for s in np.sign(new_rew).astype(int):
             self.reward_counts[s + 1] += 1
         self.dataset.save(self.dataset_dir)
         return scores

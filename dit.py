@@ -712,9 +712,8 @@ def save_grid(ema: DiT, diffusion: Diffusion, cfg: DiTConfig, path, seed: int) -
     y = torch.arange(k).repeat_interleave(per_row) if k else None
     # Unguided grids clip x0 to [-1, 1] at every step (keeps a young model's grids from saturating); guided ones
     # do not: clipping also clips the guided push (tiny preset, w = 3: washed-out colours with it).
-    clip = {"clip_denoised": not (k and cfg.GUIDANCE)}
-    x, _ = sample_images(ema, diffusion, n, y, cfg.SAMPLE_SAMPLER, cfg.SAMPLE_STEPS,
-                         cfg.GUIDANCE if k else 0.0, g, cfg.IMG_SIZE, **clip)
+    x, _ = sample_images(ema, diffusion, n, y, cfg.SAMPLE_SAMPLER, cfg.SAMPLE_STEPS, cfg.GUIDANCE if k else 0.0, g,
+                         cfg.IMG_SIZE, clip_denoised=not (k and cfg.GUIDANCE))
     common.save_image_grid(x.cpu(), path, nrow=per_row)
 
 

@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402  (the repo's, found through ROOT)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16 = DEVICE.type == "cuda"
 
@@ -80,7 +82,6 @@ def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, **opt_kwa
 
 def train_rate(model, loss_fn, batch, params=None):
     """Items/s of full optimizer steps (fused Adam where torch has it, as the training loops), forward FLOPs per item."""
-    import common
     sec = timeit(optimizer_step(params or model.parameters(), loss_fn, **common.fused_adam(DEVICE)))
     with torch.no_grad():
         flops = forward_flops(loss_fn) / batch
@@ -263,7 +264,6 @@ def ab_dit(B: int) -> dict:
     gathered per call, mean-flat MSE; AdamW lr 1e-4 as official train.py), CIFAR default config."""
     import copy
     import numpy as np
-    import common
     import dit
     torch.manual_seed(0)
     cfg = dit.get_dit_config(DATASET="shapes")
@@ -304,7 +304,6 @@ def ab_ddpm(B: int) -> dict:
         from diffusers import DDPMScheduler, UNet2DModel
     except ImportError:
         return {"ab_reference": "diffusers UNet2DModel: not installed (pip install diffusers to compare)"}
-    import common
     import ddpm
     from test_ddpm import DIFFUSERS_CONFIG
     torch.manual_seed(0)
