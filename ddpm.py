@@ -162,6 +162,14 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
+def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv as one batched matmul, (B, Cin, H, W) -> (B, Cout, H, W): the same sums, but torch's CPU conv
+    has no fast path for 1x1 kernels and this is 1.1-1.7x faster forward + backward."""
+    B, C, H, W = x.shape
+    w = conv.weight.view(1, -1, C).expand(B, -1, -1)                                    # (B, Cout, Cin)
+    return torch.baddbmm(conv.bias.view(1, -1, 1), w, x.flatten(2)).view(B, -1, H, W)
+
+
 class ResBlock(nn.Module):
     """h = conv1(SiLU(GN(x))) + W SiLU(e);  out = skip(x) + conv2(Dropout(SiLU(GN(h)))).  x: (B, cin, H, W)."""
 
@@ -183,7 +191,7 @@ class ResBlock(nn.Module):
         h += self.time_emb_proj(temb_act)[:, :, None, None]
         h = F.silu(self.norm2(h), inplace=True)
         h = self.conv2(F.dropout(h, self.dropout, self.training, inplace=True))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        skip = x if self.conv_shortcut is None else conv1x1(x, self.conv_shortcut)
         return h.add_(skip)
 
 
@@ -216,15 +224,35 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+def fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps of w along `dim`, as seen from a nearest-upsampled input: an even output row reads input rows
+    (i-1, i, i) so its taps become (w0, w1 + w2); an odd one reads (i, i, i+1): (w0 + w1, w2). -> (2, ..., 2, ...)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv: the official layer. Computed without building the upsampled image:
+    each of the 4 output phases (row parity a, column parity b) is a 2x2 conv of the input, so one conv with
+    4x the output channels does it in 4/9 of the multiply-adds. Same function (equal up to float rounding)."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        B, C, H, W = x.shape
+        if H < 8:  # at 4x4 the padded border costs more than the saving
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        w = fold_taps(fold_taps(self.conv.weight, 2), 4)                 # (2b, 2a, C, C, 2, 2)
+        w = w.transpose(0, 1).reshape(4 * C, C, 2, 2)                     # phases in (a, b) order
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w, self.conv.bias.repeat(4))  # (B, 4C, H+1, W+1)
+        y = y.view(B, 2, 2, C, H + 1, W + 1)
+        out = x.new_empty(B, C, H, 2, W, 2)                               # out[.., i, a, j, b] = pixel (2i+a, 2j+b)
+        for a in range(2):
+            for b in range(2):  # phase (a, b) of pixel (i, j) is window (i+a, j+b) of the padded input
+                out[:, :, :, a, :, b] = y[:, a, b, :, a:a + H, b:b + W]
+        return out.view(B, C, 2 * H, 2 * W)
 
 
 class DownBlock(nn.Module):

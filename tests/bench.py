@@ -325,7 +325,7 @@ def ab_ddpm(B: int) -> dict:
 
     rates, speedup = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
                                "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4,  # ddpm.py's
-                                                      **common.fused_adam(DEVICE))}, B, rounds=9)
+                                                      **common.fused_adam(DEVICE))}, B, rounds=15)
     return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
             "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"], "ab_speedup": speedup,
             "ab_max_abs_diff": diff}

@@ -118,6 +118,21 @@ def test_inplace_ops_give_the_same_gradients():
         assert torch.allclose(u, v, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("size", [(4, 4), (8, 8), (16, 10)])  # (4, 4): the plain path; others: the 4-phase conv
+def test_upsample_is_nearest_then_conv(size):
+    # The 4-phase form must compute the official layer (nearest x2, 3x3 conv), values and all three gradients.
+    torch.manual_seed(0)
+    up = ddpm.Upsample(6).double()
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    out, ref = up(x), up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert out.shape == ref.shape == (2, 6, 2 * size[0], 2 * size[1])
+    g = torch.randn_like(ref)
+    params = [x, up.conv.weight, up.conv.bias]
+    for u, v in zip([out, *torch.autograd.grad(out, params, g)], [ref, *torch.autograd.grad(ref, params, g)]):
+        assert torch.allclose(u, v, rtol=0, atol=1e-12), (u - v).abs().max()
+
 # -----------------------------------------------------------------------------------------------------
 # diffusers UNet2DModel (google/ddpm-cifar10-32) conversion, without diffusers
 # -----------------------------------------------------------------------------------------------------
