@@ -237,7 +237,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: the residual stream keeps this layout, and a transposed one costs a copy in every LayerNorm
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
