@@ -1175,15 +1175,17 @@ def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsil
     max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames."""
     loop = AgentEnvLoop(env, actor_critic, epsilon=epsilon, generator=generator)
     returns, done, steps = torch.zeros(env.num_envs), torch.zeros(env.num_envs, dtype=torch.bool), 0
+    action_counts = torch.zeros(env.num_actions, dtype=torch.long)
     while steps < max_steps and not done.all():
         r = loop.rollout(1, grad=False)
         if frames is not None and not done[0]:
             frames.append(common.to_uint8(r["obs"][0, 0:1])[0].permute(1, 2, 0).numpy())
         returns += r["rew"][:, 0].float().cpu() * (~done)
+        action_counts += torch.bincount(r["act"][:, 0].cpu()[~done], minlength=env.num_actions)
         done |= (r["end"][:, 0] + r["trunc"][:, 0]).bool().cpu()
         steps += 1
     return dict(returns=returns.tolist(), return_mean=returns.mean().item(), return_max=returns.max().item(),
-                finished=int(done.sum()), steps=steps)
+                finished=int(done.sum()), steps=steps, action_freq=(action_counts / action_counts.sum()).tolist())
 
 
 class Agent(nn.Module):
@@ -1617,6 +1619,9 @@ def eval_command(argv) -> dict:
     cut = f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else ""
     print(f"{cfg.game}: {args.episodes} episodes, returns {r['returns']}\nmean {r['return_mean']:.2f}, max "
           f"{r['return_max']:.0f}, HNS {_hns_text(r['hns'])}{cut} | {time.time() - t0:.0f} s")
+    names = env.envs[0].env.unwrapped.get_action_meanings()  # what the policy does: its most frequent actions
+    top = sorted(zip(r["action_freq"], names), reverse=True)[:4]
+    print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top) + f" (uniform {1 / len(names):.0%})")
     if args.gif:
         common.save_gif(frames, args.gif, fps=15)
         print(f"wrote {args.gif} ({len(frames)} frames)")

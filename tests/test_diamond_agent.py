@@ -267,6 +267,9 @@ def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
     r = diamond.main(["eval", "--ckpt", str(run_dir / "ckpt.pt"), "--episodes", "2", "--max-steps", "20",
                       "--device", "cpu", "--compare-random"])
     assert len(r["returns"]) == 2 and len(r["random"]["returns"]) == 2
+    assert len(r["action_freq"]) == 4 and sum(r["action_freq"]) == pytest.approx(1)  # Breakout's 4 actions
+    out = capsys.readouterr().out
+    assert "actions: " in out and "(uniform 25%)" in out
 
 
 def test_resume_after_kill_keeps_data_and_counters(tmp_path, monkeypatch):
