@@ -9,6 +9,7 @@ parameter names, so its published Atari agents load (`--from-official`).
     python diamond.py --game Breakout-v5 --preset large          # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
     python diamond.py --resume runs/diamond-Breakout-...         # continue after a kill
+    python diamond.py --resume runs/diamond-Breakout-... --num-epochs 2000   # train longer
     python diamond.py eval --ckpt RUN/ckpt.pt --episodes 10 --compare-random [--gif play.gif]
     python diamond.py eval --from-official Breakout.pt --game Breakout-v5
     python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif
@@ -1534,8 +1535,20 @@ def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.Argument
     (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large", choices=list(PRESETS))
-    base = DiamondConfig(preset=pre.parse_known_args(argv)[0].preset)
+    pre.add_argument("--resume")
+    known = pre.parse_known_args(argv)[0]
+    base = DiamondConfig(preset=known.preset)
+    if known.resume:  # the run's own config is the default: flags given now change only what they name
+        base = DiamondConfig(**common.load_checkpoint(Path(known.resume) / "ckpt.pt", "diamond")["config"])
     return common.add_config_args(argparse.ArgumentParser(description=description), base), base
+
+
+# What a resumed run cannot change: the networks' shapes, and what the checkpoint restores (optimizer state with
+# its learning rate and warm-up, RNG states). The schedule (epochs, step budgets, evaluation) may be extended.
+FIXED_ON_RESUME = ("preset", "game", "obs_size", "num_steps_conditioning", "diffusion_channels", "diffusion_depths",
+                   "diffusion_attn_depths", "diffusion_cond_dim", "rew_end_channels", "rew_end_depths",
+                   "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_channels", "actor_critic_lstm_dim", "seed",
+                   "learning_rate", "weight_decay", "actor_critic_weight_decay", "warmup_steps")
 
 
 def parse_config(argv) -> DiamondConfig:
@@ -1549,18 +1562,21 @@ def _hns_text(hns: Optional[float]) -> str:
 
 
 def train_command(argv) -> dict:
-    parser, _ = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, and an "
-                                    "actor-critic trained in imagination.")
+    parser, base = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, and an "
+                                       "actor-critic trained in imagination.")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its ckpt.pt and dataset)")
     parser.add_argument("--train-world-model-only", action="store_true",
                         help="train only the denoiser and the reward/end model (on random-policy data)")
     parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent checkpoint")
     args = parser.parse_args(argv)
-    if args.resume:
+    cfg = common.config_from_args(base, args)  # an unknown game fails here, before any work
+    if args.resume:  # e.g. --resume RUN --num-epochs 60 trains longer
         run_dir = Path(args.resume)
-        cfg = DiamondConfig(**common.load_checkpoint(run_dir / "ckpt.pt", "diamond")["config"])
-    else:  # an unknown game fails before any work
-        cfg = common.config_from_args(DiamondConfig(preset=args.preset), args)
+        changed = [f"--{f.replace('_', '-')}" for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]
+        if changed:
+            raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot change "
+                             f"(start a new run to change them)")
+    else:
         run_dir = common.make_run_dir("diamond", resolve_game(cfg.game)[4:].split("-")[0])
     print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,

@@ -270,6 +270,14 @@ def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(r["action_freq"]) == 4 and sum(r["action_freq"]) == pytest.approx(1)  # Breakout's 4 actions
     out = capsys.readouterr().out
     assert "actions: " in out and "(uniform 25%)" in out
+    # --resume takes the run's saved config; flags given now may extend the schedule but not change the networks
+    with pytest.raises(ValueError, match="--obs-size, --learning-rate cannot change"):
+        diamond.main(["--resume", str(run_dir), "--obs-size", "16", "--learning-rate", "1e-3"])
+    diamond.main(["--resume", str(run_dir), "--num-epochs", "3"])
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    state = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["config"]["num_epochs"] == 3
+    assert state["config"]["batch_size"] == cfg.batch_size  # not the tiny preset's: the run's own value
 
 
 def test_resume_after_kill_keeps_data_and_counters(tmp_path, monkeypatch):
