@@ -727,7 +727,8 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def sampler_options(args) -> dict:
-    opts = {"variance": args.variance} if args.sampler == "ddpm" else {"eta": args.eta} if args.sampler == "ddim" else {}
+    opts = {"variance": args.variance} if args.sampler == "ddpm" else {}
+    opts = {"eta": args.eta} if args.sampler == "ddim" else opts
     return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
 

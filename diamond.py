@@ -715,7 +715,8 @@ class EDMPreconditioner(nn.Module):
 
     def conditioners(self, sigma: torch.Tensor):
         """sigma (B,) -> c_in, c_out, c_skip, c_noise, each (B,), with s = sqrt(sigma^2 + sigma_offset^2):
-        c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_noise = ln(s) / 4."""
+        c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
+        c_noise = ln(s) / 4."""
         return common.edm_precond(sigma, self.sigma_data, self.sigma_offset_noise)
 
     def forward(self, x_noisy, sigma, prev_obs, prev_act):
@@ -752,7 +753,8 @@ class EDMPreconditioner(nn.Module):
             b, c = x0.shape[:2]
             sigma = self.sample_sigma(b, x0.device, generator)
             offset = self.sigma_offset_noise * torch.randn(b, c, 1, 1, device=x0.device, generator=generator)
-            x_noisy = x0 + offset + torch.randn(x0.shape, device=x0.device, generator=generator) * sigma[:, None, None, None]
+            noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+            x_noisy = x0 + offset + noise * sigma[:, None, None, None]
             out, (_, c_out, c_skip, _) = self(x_noisy, sigma, all_obs[:, i:K + i], act[:, i:K + i])
             c_out, c_skip = c_out[:, None, None, None], c_skip[:, None, None, None]
             target = (x0 - c_skip * x_noisy) / c_out

@@ -472,7 +472,8 @@ class DiT(nn.Module):
     def forward(self, x, t, y=None):
         """x (N, C, H, W) noisy images, t (N,) timesteps (float ok), y (N,) labels (num_classes = null)
         -> (N, C_out, H, W). Symbols: T = (H/p)^2 tokens, D = hidden size."""
-        assert x.ndim == 4 and x.shape[1] == self.in_channels, f"x {tuple(x.shape)}: expected (N, {self.in_channels}, H, W)"
+        assert x.ndim == 4 and x.shape[1] == self.in_channels, \
+            f"x {tuple(x.shape)}: expected (N, {self.in_channels}, H, W)"
         h = self.x_embedder(x) + self.pos_embed                  # (N, T, D)
         c = self.t_embedder(t)                                   # (N, D)
         if self.y_embedder is not None:
