@@ -508,6 +508,19 @@ def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: s
     return x.clamp(-1, 1), model.nfe
 
 
+def sampler_kwargs(args) -> dict:
+    """The sampler flags of a sample/evaluate command line (args.sampler, .eta, .variance, .clip; None = the
+    sampler's default) as keywords of `sample`. A flag that does not apply to the chosen sampler is an error,
+    not silently ignored."""
+    if args.variance is not None and args.sampler != "ddpm":
+        raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {args.sampler})")
+    if args.eta and args.sampler != "ddim":
+        raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {args.sampler})")
+    opts = {"eta": args.eta} if args.sampler == "ddim" else {}
+    opts.update({"variance": args.variance} if args.variance is not None else {})
+    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
+
+
 # =====================================================================================================
 # 4. EDM pieces
 # =====================================================================================================

@@ -714,8 +714,8 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000, help="sampler steps (network evaluations for ddpm/ddim)")
     p.add_argument("--guidance", type=float, default=0.0, help="CFG weight w (class-conditional models only)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--variance", default="large", choices=("small", "large"),
-                   help="ddpm sampler: sigma^2 = beta_tilde (small) or beta (large, the official default)")
+    p.add_argument("--variance", default=None, choices=("small", "large"),
+                   help="ddpm sampler: sigma^2 = beta_tilde (small) or beta (large; the default, as officially)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp every predicted x0 to [-1, 1] (default: the ddpm sampler clips, as the official "
                         "code; the others do not)")
@@ -724,12 +724,6 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     return p
-
-
-def sampler_options(args) -> dict:
-    opts = {"variance": args.variance} if args.sampler == "ddpm" else {}
-    opts = {"eta": args.eta} if args.sampler == "ddim" else opts
-    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
 
 def load_for_sampling(args, device):
@@ -747,12 +741,15 @@ def load_for_sampling(args, device):
 
 def draw(model: DDPM, args, n: int, g: torch.Generator):
     """n images in batches. Returns (float images in [-1, 1] on cpu, labels or None, total NFE)."""
+    opts = common.sampler_kwargs(args)
+    if args.sampler == "ddpm":  # sigma^2 = beta: the official CIFAR-10 sampling (fixedlarge)
+        opts.setdefault("variance", "large")
     xs, ys, nfe = [], [], 0
     for i in range(0, n, args.batch_size):
         m = min(args.batch_size, n - i)
         y = (torch.arange(i, i + m) % model.num_classes) if model.num_classes else None
         x, k = model.sample(m, sampler=args.sampler, steps=args.steps, y=y, guidance=args.guidance, generator=g,
-                            **sampler_options(args))
+                            **opts)
         xs.append(x.cpu()), ys.append(y)
         nfe += k
     return torch.cat(xs), (torch.cat(ys) if model.num_classes else None), nfe

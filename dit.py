@@ -864,15 +864,6 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def sampler_options(args) -> dict:
-    if args.variance is not None and args.sampler != "ddpm":
-        raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {args.sampler})")
-    if args.eta and args.sampler != "ddim":
-        raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {args.sampler})")
-    opts = {"variance": args.variance} if args.variance else {"eta": args.eta} if args.sampler == "ddim" else {}
-    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
-
-
 def draw(model: DiT, diffusion: Diffusion, args, n: int, img_size: int, g: torch.Generator):
     """n images in batches: (float images in [-1, 1] on cpu, labels or None, network calls)."""
     xs, ys, nfe = [], [], 0
@@ -882,7 +873,7 @@ def draw(model: DiT, diffusion: Diffusion, args, n: int, img_size: int, g: torch
         if model.num_classes:
             y = torch.full((m,), args.cls) if args.cls is not None else torch.arange(i, i + m) % model.num_classes
         x, k = sample_images(model, diffusion, m, y, args.sampler, args.steps, args.guidance, g, img_size,
-                             **sampler_options(args))
+                             **common.sampler_kwargs(args))
         xs.append(x.cpu()), ys.append(y)
         nfe += k
     return torch.cat(xs), (torch.cat(ys) if model.num_classes else None), nfe
@@ -912,10 +903,9 @@ def cmd_sample(argv) -> None:
     t0 = time.time()
     if per_class:  # one row per class
         per_row = max(1, n // model.num_classes)
-        args_rows = argparse.Namespace(**{**vars(args), "batch_size": per_row * model.num_classes})
         ys = torch.arange(model.num_classes).repeat_interleave(per_row)
         x, nfe = sample_images(model, diffusion, len(ys), ys, args.sampler, args.steps, args.guidance, g,
-                               cfg.IMG_SIZE, **sampler_options(args_rows))
+                               cfg.IMG_SIZE, **common.sampler_kwargs(args))
         common.save_image_grid(x.cpu(), args.out, nrow=per_row)
     else:
         x, _, nfe = draw(model, diffusion, args, n, cfg.IMG_SIZE, g)

@@ -415,6 +415,8 @@ def test_errors_before_work(in_tmp):
     run = newest_run(in_tmp)
     with pytest.raises(ValueError, match="--guidance"):
         ddpm.main(["sample", "--ckpt", str(run), "--guidance", "2", "--steps", "2", "--n", "2", "--sampler", "ddim"])
+    with pytest.raises(ValueError, match="--eta only applies to --sampler ddim"):  # not silently ignored
+        ddpm.main(["sample", "--ckpt", str(run), "--eta", "1", "--steps", "2", "--n", "2", "--sampler", "dpmpp"])
     with pytest.raises(common.CheckpointError, match="--ch "):
         ddpm.main(["train", "--resume", str(run), "--ch", "32", "--steps", "4"])
     foreign = torch.load(run / "ckpt.pt", weights_only=True)

@@ -529,3 +529,18 @@ def test_clip_denoised_reaches_every_sampler(sampler):
     D = common.Denoiser(net, abar, pred="x0", clip_denoised=True)
     assert D(noise * 80, torch.tensor(80.0)).abs().max() <= 1
     assert common.Denoiser(net, abar, pred="x0")(noise * 80, torch.tensor(80.0)).abs().max() == 3
+
+
+def test_sampler_kwargs_of_the_command_lines():
+    import argparse
+    flags = lambda sampler, eta=0.0, variance=None, clip=None: argparse.Namespace(sampler=sampler, eta=eta,
+                                                                                  variance=variance, clip=clip)
+    assert common.sampler_kwargs(flags("ddim", eta=0.5)) == {"eta": 0.5}
+    assert common.sampler_kwargs(flags("ddpm", variance="large", clip=False)) == {"variance": "large",
+                                                                                   "clip_denoised": False}
+    assert common.sampler_kwargs(flags("heun", clip=True)) == {"clip_denoised": True}
+    assert common.sampler_kwargs(flags("dpmpp")) == {}  # every default left to the sampler
+    with pytest.raises(ValueError, match="--eta only applies to --sampler ddim"):
+        common.sampler_kwargs(flags("euler", eta=1.0))
+    with pytest.raises(ValueError, match="--variance only applies to --sampler ddpm"):
+        common.sampler_kwargs(flags("ddim", variance="small"))
