@@ -207,7 +207,8 @@ class AtariEnv:
                                       full_action_space=False, max_num_frames_per_episode=ATARI_MAX_FRAMES,
                                       obs_type="ram")
         self.ale, self.num_actions = self.env.unwrapped.ale, int(self.env.action_space.n)
-        assert self.env.unwrapped.get_action_meanings()[0] == "NOOP"
+        self.action_names = self.env.unwrapped.get_action_meanings()  # minimal set, e.g. NOOP FIRE RIGHT LEFT
+        assert self.action_names[0] == "NOOP"
         self.obs_size, self.noop_max, self.frame_skip, self.lives = obs_size, noop_max, frame_skip, 0
         self.screens = np.zeros((2, *self.ale.getScreenDims(), 3), np.uint8)  # the last two frames of a step
 
@@ -1637,7 +1638,7 @@ def eval_command(argv) -> dict:
     cut = f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else ""
     print(f"{cfg.game}: {args.episodes} episodes, returns {r['returns']}\nmean {r['return_mean']:.2f}, max "
           f"{r['return_max']:.0f}, HNS {_hns_text(r['hns'])}{cut} | {time.time() - t0:.0f} s")
-    names = env.envs[0].env.unwrapped.get_action_meanings()  # what the policy does: its most frequent actions
+    names = env.envs[0].action_names  # what the policy does: its most frequent actions
     top = sorted(zip(r["action_freq"], names), reverse=True)[:4]
     print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top) + f" (uniform {1 / len(names):.0%})")
     if args.gif:
