@@ -225,34 +225,25 @@ class Downsample(nn.Module):
 
 
 def fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """The 3 taps of w along `dim`, as seen from a nearest-upsampled input: an even output row reads input rows
-    (i-1, i, i) so its taps become (w0, w1 + w2); an odd one reads (i, i, i+1): (w0 + w1, w2). -> (2, ..., 2, ...)."""
+    """The 3 taps (w0, w1, w2) of w along `dim`, seen from a nearest-upsampled input: output pixel 2i reads input
+    pixels (i-1, i, i), so it weighs them w0 and w1 + w2; output 2i+1 reads (i, i, i+1): w0 + w1 and w2. In the
+    order a stride-2 transposed conv with padding 1 applies its 4 taps: (w2, w1 + w2, w0 + w1, w0)."""
     w0, w1, w2 = w.unbind(dim)
-    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv: the official layer. Computed without building the upsampled image:
-    each of the 4 output phases (row parity a, column parity b) is a 2x2 conv of the input, so one conv with
-    4x the output channels does it in 4/9 of the multiply-adds. Same function (equal up to float rounding)."""
+    """Nearest-neighbour x2, then a 3x3 conv: the official layer. Computed without building the upsampled image,
+    as one stride-2 transposed conv with the taps folded to 4x4: 16 multiply-adds per input pixel and channel
+    pair instead of 36. Same function (equal up to float rounding), same parameters."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if H < 8:  # at 4x4 the padded border costs more than the saving
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        w = fold_taps(fold_taps(self.conv.weight, 2), 4)                 # (2b, 2a, C, C, 2, 2)
-        w = w.transpose(0, 1).reshape(4 * C, C, 2, 2)                     # phases in (a, b) order
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w, self.conv.bias.repeat(4))  # (B, 4C, H+1, W+1)
-        y = y.view(B, 2, 2, C, H + 1, W + 1)
-        out = x.new_empty(B, C, H, 2, W, 2)                               # out[.., i, a, j, b] = pixel (2i+a, 2j+b)
-        for a in range(2):
-            for b in range(2):  # phase (a, b) of pixel (i, j) is window (i+a, j+b) of the padded input
-                out[:, :, :, a, :, b] = y[:, a, b, :, a:a + H, b:b + W]
-        return out.view(B, C, 2 * H, 2 * W)
+        w = fold_taps(fold_taps(self.conv.weight, 2), 3)  # (Cout, Cin, 4, 4)
+        return F.conv_transpose2d(x, w.transpose(0, 1), self.conv.bias, stride=2, padding=1)  # (B, C, 2H, 2W)
 
 
 class DownBlock(nn.Module):
