@@ -170,6 +170,12 @@ def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.baddbmm(conv.bias.view(1, -1, 1), w, x.flatten(2)).view(B, -1, H, W)
 
 
+def dropout_(h: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(h, p, training=True, inplace=True), with the mask drawn as uniform >= p: the same distribution,
+    and on CPU ~1.4x faster than the bernoulli_ draw of F.dropout."""
+    return h.mul_(torch.rand_like(h).ge_(p).div_(1 - p))
+
+
 class ResBlock(nn.Module):
     """h = conv1(SiLU(GN(x))) + W SiLU(e);  out = skip(x) + conv2(Dropout(SiLU(GN(h)))).  x: (B, cin, H, W)."""
 
@@ -186,13 +192,15 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """temb_act: SiLU(time embedding), (B, temb_ch), computed once per U-Net call."""
-        # In-place SiLU/dropout/add are exact and save one allocation each (autograd allows all three here).
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h += self.time_emb_proj(temb_act)[:, :, None, None]
-        h = F.silu(self.norm2(h), inplace=True)
-        h = self.conv2(F.dropout(h, self.dropout, self.training, inplace=True))
+        # The shortcut goes first so that, in backward, x's gradient from norm1 arrives first and the shortcut's is
+        # added into it in place. SiLU is not in place: autograd would save a copy of its input.
         skip = x if self.conv_shortcut is None else conv1x1(x, self.conv_shortcut)
-        return h.add_(skip)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h += self.time_emb_proj(temb_act)[:, :, None, None]
+        h = F.silu(self.norm2(h))
+        if self.training and self.dropout > 0:
+            h = dropout_(h, self.dropout)
+        return self.conv2(h).add_(skip)
 
 
 class Attention(nn.Module):
@@ -373,7 +381,7 @@ class UNet(nn.Module):
             for up in block.upsamplers:
                 h = up(h)
         assert not hs, f"{len(hs)} skip tensors left over"
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
 # =====================================================================================================

@@ -95,7 +95,7 @@ def test_timestep_embedding_matches_official_formula():
 
 
 def test_inplace_ops_give_the_same_gradients():
-    # ResBlock uses in-place SiLU/dropout/add: compare with an out-of-place composition of the same layers.
+    # ResBlock uses in-place dropout and adds: compare with an out-of-place composition of the same layers.
     torch.manual_seed(0)
     blk = ddpm.ResBlock(8, 16, 32, dropout=0.3, groups=4).train()
     torch.nn.init.normal_(blk.conv2.weight, std=0.1)
@@ -104,7 +104,8 @@ def test_inplace_ops_give_the_same_gradients():
 
     def ref(x):
         h = blk.conv1(F.silu(blk.norm1(x))) + blk.time_emb_proj(e)[:, :, None, None]
-        h = blk.conv2(F.dropout(F.silu(blk.norm2(h)), 0.3, True))
+        h = F.silu(blk.norm2(h))
+        h = blk.conv2(h * (torch.rand_like(h) >= 0.3) / 0.7)
         return blk.conv_shortcut(x) + h
 
     torch.manual_seed(1)
@@ -117,6 +118,22 @@ def test_inplace_ops_give_the_same_gradients():
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, atol=1e-5)
 
+
+
+def test_dropout_has_the_distribution_of_f_dropout():
+    # dropout_ draws its own mask: check what F.dropout guarantees, zeros at rate p and survivors scaled by 1/(1-p).
+    torch.manual_seed(0)
+    h = torch.rand(1_000_000) + 0.5
+    out = ddpm.dropout_(h.clone(), 0.1)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 7 sigma of a binomial(1e6, 0.9) rate
+    assert torch.allclose(out[kept], h[kept] / (1 - 0.1), rtol=1e-6, atol=0)
+    assert abs(out.mean().item() / h.mean().item() - 1) < 0.002
+    m1, m2 = ddpm.dropout_(torch.ones(1000), 0.5), ddpm.dropout_(torch.ones(1000), 0.5)
+    assert not torch.equal(m1, m2)  # a fresh mask per call
+    blk = ddpm.ResBlock(4, 4, 8, dropout=0.5, groups=2).eval()
+    x, e = torch.randn(2, 4, 5, 5), torch.randn(2, 8)
+    assert torch.equal(blk(x, e), blk(x, e))  # no dropout in eval mode
 
 
 @pytest.mark.parametrize("size", [(1, 1), (4, 4), (16, 10)])
