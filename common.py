@@ -477,10 +477,7 @@ def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: s
               clip_denoised (False)
     clip_denoised clamps every predicted x0 to [-1, 1]: for an under-trained pixel model (whose x0 at high noise
     overshoots) it can matter more than the sampler; with strong guidance it can hurt (it also clips the push)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"--eta {eta} only applies to --sampler ddim")
+    check_sampler_options(sampler, eta, options.get("variance"))
     T = len(alphas_cumprod)
     ve = sampler in ("euler", "heun", "dpmpp")  # these see the net through Denoiser.__call__, which clips
     model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance,
@@ -508,14 +505,22 @@ def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: s
     return x.clamp(-1, 1), model.nfe
 
 
+def check_sampler_options(sampler: str, eta: float = 0.0, variance: Optional[str] = None) -> None:
+    """The sampler's name, and the options that belong to one sampler only (checked by `sample`, and by the command
+    lines before any work): an option that does not apply is an error, not silently ignored."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {sampler})")
+    if variance is not None and sampler != "ddpm":
+        raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {sampler})")
+
+
 def sampler_kwargs(args) -> dict:
     """The sampler flags of a sample/evaluate command line (args.sampler, .eta, .variance, .clip; None = the
     sampler's default) as keywords of `sample`. A flag that does not apply to the chosen sampler is an error,
     not silently ignored."""
-    if args.variance is not None and args.sampler != "ddpm":
-        raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {args.sampler})")
-    if args.eta and args.sampler != "ddim":
-        raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {args.sampler})")
+    check_sampler_options(args.sampler, args.eta, args.variance)
     opts = {"eta": args.eta} if args.sampler == "ddim" else {}
     opts.update({"variance": args.variance} if args.variance is not None else {})
     return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}

@@ -407,10 +407,12 @@ def test_sample_rejects_bad_options():
     net = lambda xx, tt, yy: xx  # noqa: E731
     with pytest.raises(ValueError, match="--sampler"):
         common.sample(net, x, ac, sampler="plms")
-    with pytest.raises(ValueError, match="--eta"):
+    with pytest.raises(ValueError, match="--eta only applies to --sampler ddim"):  # one check, as the CLIs'
         common.sample(net, x, ac, sampler="euler", steps=3, eta=1.0)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="--variance only applies to --sampler ddpm"):
         common.sample(net, x, ac, sampler="ddim", steps=3, variance="large")
+    with pytest.raises(TypeError):  # an option no sampler has
+        common.sample(net, x, ac, sampler="ddim", steps=3, temperature=0.5)
     with pytest.raises(AssertionError, match="learned_sigma"):
         common.sample(net, x, ac, sampler="ddim", steps=3, learned_sigma=True)
 
