@@ -2,7 +2,7 @@
 
 For each model: training throughput (img/s or frames/s), achieved GFLOP/s (analytic FLOPs from
 torch.utils.flop_counter; one training step = 3x the forward FLOPs) and its ratio to the rate of
-`torch.mm` on 2048x2048 fp32 measured in the same run (the MFU of this machine), sampling time per image
+`torch.mm` on 2048x2048 fp32, timed in turns with the training step (the MFU of this machine), sampling time per image
 per network evaluation, and peak memory. Each model runs in its own subprocess so its peak memory is its
 own. On a GPU the same script runs in bf16. Writes bench.json.
 
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -46,11 +47,6 @@ def timeit(fn, warmup=1, min_time=4.0, min_iters=3):
     return (time.perf_counter() - t0) / n
 
 
-def mm_gflops(n=2048):
-    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
-    return 2 * n ** 3 / timeit(lambda: a @ b, warmup=3, min_time=2.0) / 1e9
-
-
 def forward_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -80,12 +76,24 @@ def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, **opt_kwa
     return step
 
 
-def train_rate(model, loss_fn, batch, params=None):
-    """Items/s of full optimizer steps (fused Adam where torch has it, as the training loops), forward FLOPs per item."""
-    sec = timeit(optimizer_step(params or model.parameters(), loss_fn, **common.fused_adam(DEVICE)))
+def train_rate(model, loss_fn, batch, rounds=5, n=2048) -> dict:
+    """Items/s of full optimizer steps (fused Adam where torch has it, as the training loops), forward FLOPs per
+    item, and the training FLOP rate (3x forward) as a share of the n x n fp32 torch.mm rate. The step and the mm
+    alternate for `rounds` rounds and each figure is a median over rounds, the share a median of per-round
+    shares: this machine's speed drifts by 15% within minutes, so an mm timed once is no yardstick."""
+    step = optimizer_step(model.parameters(), loss_fn, **common.fused_adam(DEVICE))
     with torch.no_grad():
         flops = forward_flops(loss_fn) / batch
-    return batch / sec, flops
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    mm = lambda: a @ b  # noqa: E731
+    step(), mm(), mm()
+    step_sec, mm_sec = [], []
+    for _ in range(rounds):
+        mm_sec.append(timeit(mm, warmup=0, min_time=0.5))
+        step_sec.append(timeit(step, warmup=0, min_time=1.0, min_iters=1))
+    share = [3 * flops * batch / t / (2 * n ** 3 / m) for t, m in zip(step_sec, mm_sec)]
+    return {"train_items_s": batch / statistics.median(step_sec), "fwd_gflop_per_item": flops / 1e9,
+            "ratio_to_mm": statistics.median(share), "mm_gflop_s": 2 * n ** 3 / statistics.median(mm_sec) / 1e9}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,13 +107,13 @@ def bench_ddpm():
     model = ddpm.DDPM(cfg).to(DEVICE)
     B = 16 if DEVICE.type == "cpu" else 128
     x = torch.randn(B, 3, 32, 32, device=DEVICE)
-    rate, flops = train_rate(model, lambda: model(x), B)
+    train = train_rate(model, lambda: model(x), B)
     model.eval()
     t = torch.full((B,), 500.0, device=DEVICE)
     with torch.no_grad(), autocast():
         nfe_sec = timeit(lambda: model.net(x, t), min_time=2.0)
     return {"model": "ddpm (paper CIFAR-10 U-Net)", "params_M": ddpm.num_params(model.net) / 1e6, "batch": B,
-            "train_items_s": rate, "unit": "img", "fwd_gflop_per_item": flops / 1e9,
+            **train, "unit": "img",
             "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B, **ab_ddpm(B)}
 
 
@@ -118,13 +126,13 @@ def bench_dit():
     B = 32 if DEVICE.type == "cpu" else 256
     x, y = torch.randn(B, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (B,), device=DEVICE)
     loss = lambda: diffusion.loss(model, x, y, model.null_class, cfg.CLASS_DROPOUT, cfg.LEARN_SIGMA)[0]
-    rate, flops = train_rate(model, loss, B)
+    train = train_rate(model, loss, B)
     model.eval()
     t = torch.full((B,), 500, device=DEVICE)
     with torch.no_grad(), autocast():
         nfe_sec = timeit(lambda: model(x, t, y), min_time=2.0)
     return {"model": "dit (CIFAR default, 384x6, patch 4)", "params_M": dit.num_params(model) / 1e6, "batch": B,
-            "train_items_s": rate, "unit": "img", "fwd_gflop_per_item": flops / 1e9,
+            **train, "unit": "img",
             "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B, **ab_dit(B)}
 
 
@@ -138,7 +146,7 @@ def bench_diamond():
     obs = torch.rand(B, K + 1, 3, 64, 64, device=DEVICE) * 2 - 1
     act = torch.randint(0, num_actions, (B, K + 1), device=DEVICE)
     mask = torch.ones(B, K + 1, dtype=torch.bool, device=DEVICE)
-    rate, flops = train_rate(den, lambda: den.loss(obs, act, mask)[0], B)
+    train = train_rate(den, lambda: den.loss(obs, act, mask)[0], B)
     sampler = diamond.EulerSampler(den, num_steps_denoising=3)
     with autocast():
         sec1 = timeit(lambda: sampler.sample(obs[:1, :K], act[:1, :K]), min_time=2.0)
@@ -156,11 +164,11 @@ def bench_diamond():
         env.step(torch.as_tensor(rng.integers(0, env.num_actions, 1)))
     env_rate = n_env / (time.perf_counter() - t0)
     return {"model": "diamond denoiser (official size, 4.4M)", "params_M": sum(p.numel() for p in den.parameters()) / 1e6,
-            "batch": B, "train_items_s": rate, "unit": "frame", "fwd_gflop_per_item": flops / 1e9,
+            "batch": B, **train, "unit": "frame",
             "sample_ms_per_img_per_nfe": 1e3 * sec1 / 3,
             "extra_next_frame_3_euler_ms": 1e3 * sec1, "extra_imagination_batch_32x15_s": 15 * sec32,
             "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate,
-            **diamond_large_run_estimate(rate * 3 * flops, sec32)}
+            **diamond_large_run_estimate(train["train_items_s"] * 3e9 * train["fwd_gflop_per_item"], sec32)}
 
 
 def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) -> dict:
@@ -336,13 +344,8 @@ BENCHES = {"ddpm": bench_ddpm, "dit": bench_dit, "diamond": bench_diamond}
 
 def run_one(name):
     torch.set_float32_matmul_precision("high")
-    mm = mm_gflops()
     r = BENCHES[name]()
-    for k, v in list(r.items()):
-        if k == "train_items_s":
-            r["train_gflop_s"] = 3 * r["fwd_gflop_per_item"] * v
-            r["ratio_to_mm"] = r["train_gflop_s"] / mm
-    r["mm_gflop_s"] = mm
+    r["train_gflop_s"] = 3 * r["fwd_gflop_per_item"] * r["train_items_s"]
     r["peak_mem_mb"] = peak_mem_mb()
     return r
 
