@@ -208,13 +208,14 @@ def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) ->
 
 def ab_rates(steps: dict, batch: int, rounds: int) -> tuple:
     """Time named training-step functions ({"ours": f, <reference>: g}) in alternating rounds, so that drift in
-    machine load hits both alike. Returns ({name: items/s at its median round}, speedup of "ours"), the speedup
-    being the median over rounds of t_reference / t_ours within the same round (paired, robust to drift)."""
+    machine load hits both alike; the order flips every round (A B, B A, ...), so going first or second favours
+    neither. Returns ({name: items/s at its median round}, speedup of "ours"), the speedup being the median over
+    rounds of t_reference / t_ours within the same round (paired, robust to drift)."""
     for step in steps.values():
         step(), step()  # warm-up (allocator, oneDNN primitive caches)
     times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for i in range(rounds):
+        for name, step in list(steps.items())[::1 if i % 2 == 0 else -1]:
             sync()
             t0 = time.perf_counter()
             step()
@@ -333,7 +334,7 @@ def ab_ddpm(B: int) -> dict:
 
     rates, speedup = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
                                "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4,  # ddpm.py's
-                                                      **common.fused_adam(DEVICE))}, B, rounds=15)
+                                                      **common.fused_adam(DEVICE))}, B, rounds=20)
     return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
             "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"], "ab_speedup": speedup,
             "ab_max_abs_diff": diff}
