@@ -134,7 +134,7 @@ def check_config(cfg: DDPMConfig) -> None:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
+SAMPLERS = common.SAMPLERS  # what common.sample implements (it checks the name, too)
 
 # =====================================================================================================
 # U-Net blocks (module names follow diffusers' UNet2DModel so the public weights load by name)
@@ -433,8 +433,6 @@ class DDPM(nn.Module):
                guidance: float = 0.0, generator: Optional[torch.Generator] = None, **sampler_options):
         """Draw n images (n, C, H, W) in [-1, 1]. Returns (images, nfe). Class-conditional models take labels y
         (default: 0, 1, 2, ... cycling); guidance w gives eps = (1+w) eps(x, y) - w eps(x, null)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         if guidance and not self.num_classes:
             raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
         device = self.device

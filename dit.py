@@ -56,7 +56,7 @@ import common
 # =====================================================================================================
 
 ADALN_VARIANTS = ("adaln-zero", "adaln", "adaln-single", "adaln-diagonal")
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
+SAMPLERS = common.SAMPLERS  # what common.sample implements (it checks the name, too)
 
 
 @dataclass
@@ -634,8 +634,6 @@ def sample_images(model: DiT, diffusion: Diffusion, n: int, y: Optional[torch.Te
                   img_size: int = 32, **options):
     """n images (n, C, H, W) in [-1, 1] and the number of network calls (a guided call = one batched call of
     2n images). Conditional models take labels y (default: 0, 1, 2, ... cycling through the classes)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if guidance and model.null_class is None:
         raise ValueError("--guidance needs a class-conditional model trained with --class-dropout > 0")
     device = next(model.parameters()).device

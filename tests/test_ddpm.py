@@ -84,6 +84,8 @@ def test_ddpm_loss_targets_and_sampling_shape():
     model.eval()
     x, nfe = model.sample(3, sampler="ddim", steps=3, guidance=1.5, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1 and nfe >= 3
+    with pytest.raises(ValueError, match="--sampler 'plms': use one of"):  # checked once, in common.sample
+        model.sample(3, sampler="plms", steps=3)
 
 
 def test_timestep_embedding_matches_official_formula():
