@@ -132,6 +132,9 @@ def check_config(cfg: DDPMConfig) -> None:
                          "--img-size 32, 16 or 8 (use --npz and the ADM evaluator for CIFAR-10 FID)")
     if cfg.sample_sampler not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
+    for flag, p in (("--dropout", cfg.dropout), ("--label-dropout", cfg.label_dropout)):
+        if not 0 <= p < 1:
+            raise ValueError(f"{flag} must be in [0, 1), got {p}")
 
 
 SAMPLERS = common.SAMPLERS  # what common.sample implements (it checks the name, too)

@@ -429,6 +429,8 @@ def test_errors_before_work(in_tmp):
         ddpm.main(["train", "--preset", "tiny", "--img-size", "30"])
     with pytest.raises(ValueError, match="--pred"):
         ddpm.main(["train", "--preset", "tiny", "--pred", "score"])
+    with pytest.raises(ValueError, match=r"--dropout must be in \[0, 1\), got 1.0"):
+        ddpm.main(["train", "--preset", "tiny", "--dropout", "1"])
     assert not Path("runs").exists()  # nothing was started
 
     ddpm.main(["train", *micro_flags(), "--steps", "2", "--dataset", "shapes"])
