@@ -131,6 +131,8 @@ def test_dropout_has_the_distribution_of_f_dropout():
     assert abs(kept.float().mean().item() - 0.9) < 0.002  # 7 sigma of a binomial(1e6, 0.9) rate
     assert torch.allclose(out[kept], h[kept] / (1 - 0.1), rtol=1e-6, atol=0)
     assert abs(out.mean().item() / h.mean().item() - 1) < 0.002
+    kept_bf16 = ddpm.dropout_(torch.ones(4_000_000, dtype=torch.bfloat16), 0.1) != 0  # a bf16 draw keeps 0.8986
+    assert abs(kept_bf16.float().mean().item() - 0.9) < 0.001  # 6.7 sigma
     m1, m2 = ddpm.dropout_(torch.ones(1000), 0.5), ddpm.dropout_(torch.ones(1000), 0.5)
     assert not torch.equal(m1, m2)  # a fresh mask per call
     blk = ddpm.ResBlock(4, 4, 8, dropout=0.5, groups=2).eval()
