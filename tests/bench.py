@@ -92,7 +92,8 @@ def train_rate(model, loss_fn, batch, rounds=5, n=2048) -> dict:
         mm_sec.append(timeit(mm, warmup=0, min_time=0.5))
         step_sec.append(timeit(step, warmup=0, min_time=1.0, min_iters=1))
     share = [3 * flops * batch / t / (2 * n ** 3 / m) for t, m in zip(step_sec, mm_sec)]
-    return {"train_items_s": batch / statistics.median(step_sec), "fwd_gflop_per_item": flops / 1e9,
+    items_s = batch / statistics.median(step_sec)
+    return {"train_items_s": items_s, "fwd_gflop_per_item": flops / 1e9, "train_gflop_s": 3 * flops * items_s / 1e9,
             "ratio_to_mm": statistics.median(share), "mm_gflop_s": 2 * n ** 3 / statistics.median(mm_sec) / 1e9}
 
 
@@ -168,7 +169,7 @@ def bench_diamond():
             "sample_ms_per_img_per_nfe": 1e3 * sec1 / 3,
             "extra_next_frame_3_euler_ms": 1e3 * sec1, "extra_imagination_batch_32x15_s": 15 * sec32,
             "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate,
-            **diamond_large_run_estimate(train["train_items_s"] * 3e9 * train["fwd_gflop_per_item"], sec32)}
+            **diamond_large_run_estimate(train["train_gflop_s"] * 1e9, sec32)}
 
 
 def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) -> dict:
@@ -346,7 +347,6 @@ BENCHES = {"ddpm": bench_ddpm, "dit": bench_dit, "diamond": bench_diamond}
 def run_one(name):
     torch.set_float32_matmul_precision("high")
     r = BENCHES[name]()
-    r["train_gflop_s"] = 3 * r["fwd_gflop_per_item"] * r["train_items_s"]
     r["peak_mem_mb"] = peak_mem_mb()
     return r
 

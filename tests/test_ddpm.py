@@ -121,7 +121,6 @@ def test_inplace_ops_give_the_same_gradients():
         assert torch.allclose(u, v, atol=1e-5)
 
 
-
 def test_dropout_has_the_distribution_of_f_dropout():
     # dropout_ draws its own mask: check what F.dropout guarantees, zeros at rate p and survivors scaled by 1/(1-p).
     torch.manual_seed(0)
@@ -154,6 +153,7 @@ def test_upsample_is_nearest_then_conv(size):
     params = [x, up.conv.weight, up.conv.bias]
     for u, v in zip([out, *torch.autograd.grad(out, params, g)], [ref, *torch.autograd.grad(ref, params, g)]):
         assert torch.allclose(u, v, rtol=0, atol=1e-12), (u - v).abs().max()
+
 
 # -----------------------------------------------------------------------------------------------------
 # diffusers UNet2DModel (google/ddpm-cifar10-32) conversion, without diffusers

@@ -236,6 +236,7 @@ def test_actor_critic_learns_a_delayed_reward():
     probs = torch.softmax(r["logits"][:, -1].detach(), -1).mean(0)
     assert probs[2] > 0.6 and metrics["policy_entropy_bits"] < 1.6, (probs, metrics)  # from 0.25 and 2 bits
 
+
 def test_nonfinite_loss_stops_with_module_and_step():
     net = torch.nn.Linear(2, 1)
     opt = diamond.make_optimizer(net, 1e-3, 0.0)
