@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import tarfile
 import time
 import typing
@@ -107,6 +108,16 @@ def config_from_args(cfg, args: argparse.Namespace):
             value = tuple(value)
         changes[f.name] = value
     return dataclasses.replace(cfg, **changes)
+
+
+def run_cli(main) -> None:
+    """Run a script's main(). Every error a user can cause (bad flags, missing data, an unknown game, a corrupt
+    or foreign checkpoint) is a ValueError whose message names the fix: it ends the run as that one line, exit
+    status 1, instead of a traceback."""
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 # =====================================================================================================

@@ -807,7 +807,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad flags, data or checkpoints: one clear line instead of a traceback
-        sys.exit(f"error: {e}")
+    common.run_cli(main)

@@ -74,6 +74,22 @@ def test_config_flags_parse_every_kind():
         _parse(_Cfg(), ["--img-size", "big"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["ddpm.py", "sample", "--ckpt", "missing.pt"], "error: no checkpoint file at missing.pt"),
+    (["dit.py", "--dataset", "folder:no_such_folder"], "error: --dataset folder:no_such_folder: no such folder"),
+    (["diamond.py", "--game", "NoSuchGame-v5"], "error: --game 'NoSuchGame-v5' is not an Atari game of ale-py"),
+])
+def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
+    """What a user can get wrong ends each script as one `error: ...` line naming the fix, exit status 1."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / argv[0]
+    out = subprocess.run([sys.executable, str(script), *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message), out.stderr
+    assert not any(tmp_path.iterdir())  # failed before any work: no run folder, no data
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. runtime: seeding, device, EMA
 # ----------------------------------------------------------------------------------------------------
