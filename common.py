@@ -110,6 +110,15 @@ def config_from_args(cfg, args: argparse.Namespace):
     return dataclasses.replace(cfg, **changes)
 
 
+def check_counts(args, **least) -> None:
+    """Count flags of a command line, checked before any work: check_counts(args, n=1, npz=0) needs args.n >= 1
+    and args.npz >= 0. A flag left at None (its default: derived later) is skipped."""
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def run_cli(main) -> None:
     """Run a script's main(). Every error a user can cause (bad flags, missing data, an unknown game, a corrupt
     or foreign checkpoint) is a ValueError whose message names the fix: it ends the run as that one line, exit

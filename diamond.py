@@ -1618,6 +1618,9 @@ def eval_command(argv) -> dict:
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
+    common.check_counts(args, episodes=1, max_steps=1)
+    if not 0 <= args.epsilon <= 1:
+        raise ValueError(f"--epsilon must be in [0, 1] (1: the random policy), got {args.epsilon}")
     # the published agents use the paper's networks (large preset)
     cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"]) if args.ckpt else DiamondConfig()
     cfg.game, cfg.device = args.game or cfg.game, args.device
@@ -1661,6 +1664,7 @@ def dream_command(argv) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    common.check_counts(args, steps=1)
     return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
 
 

@@ -895,6 +895,7 @@ def cmd_sample(argv) -> None:
     p.add_argument("--out", default="samples.png", help="grid PNG path")
     p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
     args = p.parse_args(argv)
+    common.check_counts(args, n=1, batch_size=1, npz=0)
     model, cfg, _, diffusion, g = load_for_sampling(args)
     per_class = model.num_classes and args.cls is None
     n = args.n or (8 * model.num_classes if per_class else 64)
@@ -921,6 +922,7 @@ def cmd_evaluate(argv) -> None:
     p.add_argument("--n", type=int, default=1000, help="samples to score")
     p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
     args = p.parse_args(argv)
+    common.check_counts(args, n=1, batch_size=1)
     if args.cls is not None:
         raise ValueError("evaluate scores all classes; drop --class")
     model, cfg, ckpt, diffusion, g = load_for_sampling(args)

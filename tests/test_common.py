@@ -78,6 +78,9 @@ def test_config_flags_parse_every_kind():
     (["ddpm.py", "sample", "--ckpt", "missing.pt"], "error: no checkpoint file at missing.pt"),
     (["dit.py", "--dataset", "folder:no_such_folder"], "error: --dataset folder:no_such_folder: no such folder"),
     (["diamond.py", "--game", "NoSuchGame-v5"], "error: --game 'NoSuchGame-v5' is not an Atari game of ale-py"),
+    (["ddpm.py", "evaluate", "--ckpt", "missing.pt", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["dit.py", "sample", "--ckpt", "missing.pt", "--npz", "-5"], "error: --npz must be >= 0, got -5"),
+    (["diamond.py", "eval", "--ckpt", "missing.pt", "--episodes", "0"], "error: --episodes must be >= 1, got 0"),
 ])
 def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
     """What a user can get wrong ends each script as one `error: ...` line naming the fix, exit status 1."""
@@ -88,6 +91,18 @@ def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message), out.stderr
     assert not any(tmp_path.iterdir())  # failed before any work: no run folder, no data
+
+
+def test_count_flags_are_checked_before_any_work():
+    import diamond
+    args = argparse.Namespace(n=None, npz=0, steps=1)
+    C.check_counts(args, n=1, npz=0, steps=1)  # None (a default derived later) and the bounds themselves pass
+    with pytest.raises(ValueError, match="--steps must be >= 1, got 0"):
+        diamond.dream_command(["--ckpt", "missing.pt", "--steps", "0"])
+    with pytest.raises(ValueError, match=r"--epsilon must be in \[0, 1\]"):
+        diamond.eval_command(["--ckpt", "missing.pt", "--epsilon", "1.5"])
+    with pytest.raises(ValueError, match="--max-steps must be >= 1, got -3"):
+        diamond.eval_command(["--ckpt", "missing.pt", "--max-steps", "-3"])
 
 
 # ----------------------------------------------------------------------------------------------------
