@@ -116,6 +116,19 @@ def check_config(cfg: DDPMConfig) -> None:
     """Raise a ValueError naming the flag for every invalid value, before any work is done."""
     if not (cfg.dataset in ("cifar10", "shapes") or cfg.dataset.startswith("folder:")):
         raise ValueError(f"--dataset {cfg.dataset!r} is unknown; use cifar10, shapes or folder:PATH")
+    for name in ("img_size", "ch", "num_res_blocks", "norm_groups", "timesteps", "steps", "batch_size", "lr",
+                 "grad_clip", "log_every", "ckpt_every", "sample_n", "sample_steps", "eval_n"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup", "sample_every", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.ch_mult or min(cfg.ch_mult) <= 0:
+        raise ValueError(f"--ch-mult needs positive multipliers, got {' '.join(map(str, cfg.ch_mult))}")
+    if cfg.schedule == "linear" and not 0 < cfg.beta_start < cfg.beta_end < 1:
+        raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise ValueError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
     down = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.img_size % down:
         raise ValueError(f"--img-size {cfg.img_size} must be divisible by {down} = 2^(len(--ch-mult)-1) "

@@ -157,6 +157,38 @@ class DiamondConfig:
         object.__setattr__(self, name, value)
 
 
+def check_config(cfg: DiamondConfig) -> None:
+    """Raise a ValueError naming the flag for every invalid value, before any work (collection, run folder)."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in ("obs_size", "num_steps_conditioning", "diffusion_cond_dim", "num_sampling_steps", "rew_end_cond_dim",
+                 "rew_end_lstm_dim", "actor_critic_lstm_dim", "imagination_horizon", "imagination_batch_size",
+                 "batch_size", "num_epochs", "env_steps", "env_steps_per_epoch", "eval_every", "eval_episodes",
+                 "final_eval_episodes", "eval_max_steps", "learning_rate", "max_grad_norm_denoiser",
+                 "max_grad_norm_rew_end", "max_grad_norm_actor_critic"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "initial_collection_steps", "initial_collection_max", "denoiser_steps_first_epoch",
+                 "rew_end_steps_first_epoch", "actor_critic_steps_first_epoch", "denoiser_steps_per_epoch",
+                 "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch", "weight_decay",
+                 "actor_critic_weight_decay", "entropy_weight", "value_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("sticky_actions", "collect_epsilon", "discount_factor", "lambda_returns"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
+    for net, levels in (("diffusion", ("channels", "depths", "attn_depths")), ("rew_end", ("channels", "depths"))):
+        lists = {flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in levels}
+        if len({len(v) for v in lists.values()}) != 1:
+            raise ValueError(f"{', '.join(lists)} need one value per U-Net level each, got " +
+                             ", ".join(f"{k} {' '.join(map(str, v))}" for k, v in lists.items()))
+    for name in ("diffusion_channels", "rew_end_channels", "actor_critic_channels"):
+        if not getattr(cfg, name) or min(getattr(cfg, name)) <= 0:
+            raise ValueError(f"{flag(name)} needs positive widths, got {' '.join(map(str, getattr(cfg, name)))}")
+    if min(cfg.sample_weights, default=-1) < 0 or sum(cfg.sample_weights) <= 0:
+        raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got "
+                         f"{' '.join(map(str, cfg.sample_weights))}")
+
+
 # =====================================================================================================
 # environment: Atari preprocessing and vectorised collection
 # =====================================================================================================
@@ -1247,6 +1279,7 @@ class Trainer:
 
     def __init__(self, cfg: DiamondConfig, run_dir, resume: bool = False, world_model_only: bool = False,
                  log=print):
+        check_config(cfg)
         self.cfg, self.run_dir, self.log, self.world_model_only = cfg, Path(run_dir), log, world_model_only
         self.device = common.pick_device(cfg.device)
         common.seed_everything(cfg.seed)
@@ -1573,6 +1606,7 @@ def train_command(argv) -> dict:
     parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent checkpoint")
     args = parser.parse_args(argv)
     cfg = common.config_from_args(base, args)  # an unknown game fails here, before any work
+    check_config(cfg)
     if args.resume:  # e.g. --resume RUN --num-epochs 60 trains longer
         run_dir = Path(args.resume)
         changed = [f"--{f.replace('_', '-')}" for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]

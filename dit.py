@@ -159,10 +159,13 @@ def check_config(cfg: DiTConfig) -> None:
         raise ValueError(f"--width {cfg.WIDTH} must be divisible by --heads {cfg.HEADS}")
     if cfg.WIDTH % 4:
         raise ValueError(f"--width {cfg.WIDTH} must be divisible by 4 (2-D sin-cos position code)")
-    for name in ("IMG_SIZE", "PATCH", "WIDTH", "DEPTH", "HEADS", "BATCH", "TIMESTEPS", "LOG_EVERY", "CKPT_EVERY",
-                 "SAMPLE_STEPS"):
+    for name in ("IMG_SIZE", "PATCH", "WIDTH", "DEPTH", "HEADS", "MLP_RATIO", "BATCH", "TIMESTEPS", "LOG_EVERY",
+                 "CKPT_EVERY", "SAMPLE_N", "SAMPLE_STEPS", "EVAL_N"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("SAMPLE_EVERY", "EVAL_EVERY", "WEIGHT_DECAY"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.STEPS < 0 or (cfg.STEPS == 0 and cfg.EPOCHS <= 0):
         raise ValueError(f"--steps {cfg.STEPS} / --epochs {cfg.EPOCHS}: give a positive number of either")
     if not 0 < cfg.BETA_START < cfg.BETA_END < 1:

@@ -433,6 +433,14 @@ def test_errors_before_work(in_tmp):
         ddpm.main(["train", "--preset", "tiny", "--pred", "score"])
     with pytest.raises(ValueError, match=r"--dropout must be in \[0, 1\), got 1.0"):
         ddpm.main(["train", "--preset", "tiny", "--dropout", "1"])
+    with pytest.raises(ValueError, match="--norm-groups must be positive, got 0"):  # not a ZeroDivisionError
+        ddpm.main(["train", "--preset", "tiny", "--norm-groups", "0"])
+    with pytest.raises(ValueError, match="--ch-mult needs positive multipliers, got 1 0"):
+        ddpm.main(["train", "--preset", "tiny", "--ch-mult", "1", "0"])
+    with pytest.raises(ValueError, match="--sample-every must be >= 0, got -1"):
+        ddpm.main(["train", "--preset", "tiny", "--sample-every", "-1"])
+    with pytest.raises(ValueError, match=r"--ema-decay must be in \[0, 1\], got 1.5"):
+        ddpm.main(["train", "--preset", "tiny", "--ema-decay", "1.5"])
     assert not Path("runs").exists()  # nothing was started
 
     ddpm.main(["train", *micro_flags(), "--steps", "2", "--dataset", "shapes"])

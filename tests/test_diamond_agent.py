@@ -139,6 +139,28 @@ def test_config_cli_flags():
         diamond.parse_config(["--preset", "huge"])
 
 
+def test_config_values_are_checked_before_any_work(tmp_path, monkeypatch):
+    for name in diamond.PRESETS:
+        diamond.check_config(diamond.DiamondConfig(preset=name))
+    bad = [(dict(batch_size=0), "--batch-size must be positive, got 0"),  # was a NaN loss after collecting
+           (dict(imagination_horizon=0), "--imagination-horizon must be positive"),
+           (dict(warmup_steps=-1), "--warmup-steps must be >= 0"),
+           (dict(discount_factor=1.5), r"--discount-factor must be in \[0, 1\], got 1.5"),
+           (dict(diffusion_depths=[1, 1]), "--diffusion-channels, --diffusion-depths, --diffusion-attn-depths need "
+                                           "one value per U-Net level"),
+           (dict(actor_critic_channels=[0, 8, 16, 16]), "--actor-critic-channels needs positive widths"),
+           (dict(sample_weights=[0.0, 0.0]), "--sample-weights must be >= 0 with a positive sum")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            diamond.check_config(diamond.DiamondConfig(preset="tiny", **change))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--num-epochs must be positive, got 0"):
+        diamond.train_command(["--preset", "tiny", "--num-epochs", "0"])
+    with pytest.raises(ValueError, match="--eval-every must be positive, got 0"):
+        diamond.Trainer(diamond.DiamondConfig(preset="tiny", eval_every=0), tmp_path / "run")
+    assert not any(tmp_path.iterdir())  # no run folder, no data
+
+
 # ---------------------------------------------------------------------------------------------------
 # the env loop: bootstrap values, resets, burn-in
 # ---------------------------------------------------------------------------------------------------

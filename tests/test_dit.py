@@ -257,6 +257,10 @@ def test_config_errors_are_clear():
         get_dit_config(DATASET="mnist")
     with pytest.raises(ValueError, match="--guidance needs the null label"):
         get_dit_config(UNCOND=True, GUIDANCE=2.0)
+    with pytest.raises(ValueError, match="--mlp-ratio must be positive, got 0"):
+        get_dit_config(MLP_RATIO=0.0)  # would build a zero-width MLP and train it
+    with pytest.raises(ValueError, match="--sample-every must be >= 0, got -1"):
+        get_dit_config(SAMPLE_EVERY=-1)
 
 
 def test_cli_flags_are_generated_from_fields():
