@@ -1215,17 +1215,29 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint with torch.load(weights_only=True) (a file holding
-    pickled code is refused, not run) and check state["kind"] == kind. Raises CheckpointError."""
-    path = Path(path)
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (load_state_dict's lists every key)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def torch_load(path, map_location="cpu", want: str = ""):
+    """torch.load(weights_only=True): a file holding pickled code is refused, not run. A missing, corrupt or
+    truncated file raises CheckpointError, its message ending with `want` (what file is expected)."""
+    path, want = Path(path), f"; {want}" if want else ""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointError(f"no checkpoint file at {path}{want}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on damage
-        raise CheckpointError(f"cannot load {path} safely (corrupt, truncated, or holds pickled objects "
-                              f"other than tensors and plain types): {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot load {path} safely (corrupt, truncated, or holds pickled objects other "
+                              f"than tensors and plain types): {type(e).__name__}: {one_line(e, 160)}{want}") from e
+
+
+def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint (common.torch_load) and check state["kind"] == kind.
+    Raises CheckpointError."""
+    state = torch_load(path, map_location)
     if not isinstance(state, dict) or "kind" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' entry)")
     if state["kind"] != kind:

@@ -490,14 +490,20 @@ def read_safetensors(path) -> dict:
     return out
 
 
+WANT_DIFFUSERS = "want diffusion_pytorch_model.safetensors or .bin from the google/ddpm-cifar10-32 repository"
+
+
 def load_state_dict_file(path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--from-diffusers {path}: no such file (want diffusion_pytorch_model.safetensors "
-                                f"or .bin from the google/ddpm-cifar10-32 repository)")
-    if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors":
+        return common.torch_load(path, want=WANT_DIFFUSERS)
+    if not path.is_file():
+        raise common.CheckpointError(f"no checkpoint file at {path}; {WANT_DIFFUSERS}")
+    try:
         return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign bytes fail in many ways (struct, json, dtype, reshape)
+        raise common.CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
+                                     f"{WANT_DIFFUSERS}") from e
 
 
 def convert_diffusers(sd: dict) -> dict:
@@ -524,8 +530,12 @@ def convert_diffusers(sd: dict) -> dict:
 
 
 def load_diffusers_into(model: DDPM, path) -> None:
-    converted = convert_diffusers(load_state_dict_file(path))
-    model.net.load_state_dict(converted, strict=True)
+    sd = load_state_dict_file(path)
+    try:
+        model.net.load_state_dict(convert_diffusers(sd), strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:  # another model's weights: missing keys or other shapes
+        raise common.CheckpointError(f"--from-diffusers {path}: not the paper's CIFAR-10 UNet2DModel "
+                                     f"({common.one_line(e)}); {WANT_DIFFUSERS}") from e
 
 
 # =====================================================================================================

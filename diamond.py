@@ -1238,7 +1238,8 @@ class Agent(nn.Module):
 def load_official_agent(agent: Agent, path) -> None:
     """Load an official DIAMOND agent checkpoint (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt)
     or one of ours: each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = common.torch_load(path, want="an official agent (eloialonso/diamond atari_100k/models/<Game>.pt) or a "
+                                      "diamond.py ckpt.pt")
     if isinstance(sd, dict) and sd.get("kind") == "diamond":  # one of our checkpoints
         sd = sd["model"]
     parts = split_agent_state_dict(sd)
@@ -1250,7 +1251,7 @@ def load_official_agent(agent: Agent, path) -> None:
             getattr(agent, name).load_state_dict(parts[name], strict=True)
         except RuntimeError as e:
             raise ValueError(f"{path}: the {name} weights do not fit this configuration (official agents need "
-                             f"--preset large and the game they were trained on): {e}") from None
+                             f"--preset large and the game they were trained on): {common.one_line(e)}") from None
 
 
 class LSTMPolicy:

@@ -337,6 +337,18 @@ def test_diffusers_conversion_computes_what_diffusers_computes(tmp_path):
     model2 = DDPM(PRESETS["cifar10"])
     ddpm.load_diffusers_into(model2, tmp_path / "diffusion_pytorch_model.bin")
     assert torch.equal(model2.net.conv_out.weight, model.net.conv_out.weight)
+    # what a user can pass by mistake: one clear CheckpointError (a ValueError), never a struct/json/key error
+    (tmp_path / "short.safetensors").write_bytes(b"hi")
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:5000])
+    del sd["conv_out.weight"]
+    torch.save(sd, tmp_path / "other_model.bin")
+    (tmp_path / "short.bin").write_bytes(b"hi")
+    for name, message in [("missing.safetensors", "no checkpoint file"), ("short.safetensors", "cannot read"),
+                          ("truncated.safetensors", "cannot read"), ("missing.bin", "no checkpoint file"),
+                          ("short.bin", "cannot load .*google/ddpm-cifar10-32"),
+                          ("other_model.bin", "not the paper's CIFAR-10 UNet2DModel.*conv_out.weight")]:
+        with pytest.raises(common.CheckpointError, match=message):
+            ddpm.load_diffusers_into(DDPM(PRESETS["cifar10"]), tmp_path / name)
 
 
 def test_diffusers_conversion_rejects_other_layouts():

@@ -410,8 +410,13 @@ def test_from_official_loads_every_part_strictly(golden, tmp_path):
     diamond.load_official_agent(agent, tmp_path / "Breakout.pt")
     for k, v in agent.state_dict().items():
         assert torch.equal(v, flat[k]), k
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="do not fit") as err:
         diamond.load_official_agent(diamond.Agent(cfg, 6), tmp_path / "Breakout.pt")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600  # one line, not torch's list of every key
+    (tmp_path / "Pong.pt").write_bytes(b"not a checkpoint")
+    for name, message in [("Pong.pt", "cannot load .*an official agent"), ("missing.pt", "no checkpoint file")]:
+        with pytest.raises(diamond.common.CheckpointError, match=message):
+            diamond.load_official_agent(agent, tmp_path / name)
 
 
 def test_large_preset_is_the_official_agent():
