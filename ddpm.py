@@ -14,7 +14,8 @@ The defaults are the paper's CIFAR-10 run: 35.7 M-parameter U-Net, linear beta 1
 Usage:
     python ddpm.py train --dataset cifar10                       # the paper's run (GPU; bf16: --bf16)
     torchrun --nproc_per_node 8 ddpm.py train --dataset cifar10  # the same on 8 GPUs (global batch 128)
-    python ddpm.py train --preset tiny --dataset shapes          # CPU smoke run: a few minutes on 2 cores
+    python ddpm.py train --preset tiny --dataset shapes          # CPU demo: a few minutes on 2 cores
+    python ddpm.py train --preset tiny --dataset shapes --steps 20   # CPU smoke run: ~20 s
     python ddpm.py train --preset tiny --resume runs/ddpm-shapes-...  # continue a run exactly
     python ddpm.py sample --ckpt runs/ddpm-shapes-.../ckpt.pt --sampler ddim --steps 50 --n 64 --out grid.png
     python ddpm.py sample --from-diffusers diffusion_pytorch_model.safetensors --sampler ddpm --steps 1000

@@ -1,4 +1,4 @@
-"""diamond.py — DIAMOND: diffusion world models for Atari (Alonso et al. 2024, arXiv:2405.12399).
+r"""diamond.py — DIAMOND: diffusion world models for Atari (Alonso et al. 2024, arXiv:2405.12399).
 
 The agent never learns from the real game directly: real steps only train a world model, an EDM diffusion
 model of the next frame given the last 4 frames and actions (plus a reward/end model), and the actor-critic
@@ -6,6 +6,9 @@ is trained purely on imagined rollouts sampled from it. Networks carry the offic
 parameter names, so its published Atari agents load (`--from-official`).
 
     python diamond.py --game Breakout-v5 --preset tiny           # the whole loop on 2 CPU cores, minutes
+    python diamond.py --preset tiny --num-epochs 1 --initial-collection-steps 300 --initial-collection-max 300 \
+        --denoiser-steps-first-epoch 10 --rew-end-steps-first-epoch 10 --actor-critic-steps-first-epoch 3 \
+        --final-eval-episodes 2 --eval-max-steps 200                # CPU smoke run of every stage: ~25 s
     python diamond.py --game Breakout-v5 --preset large          # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
     python diamond.py --resume runs/diamond-Breakout-...         # continue after a kill
