@@ -121,11 +121,16 @@ def check_counts(args, **least) -> None:
 
 def run_cli(main) -> None:
     """Run a script's main(). Every error a user can cause (bad flags, missing data, an unknown game, a corrupt
-    or foreign checkpoint) is a ValueError whose message names the fix: it ends the run as that one line, exit
-    status 1, instead of a traceback."""
+    or foreign checkpoint) is a ValueError raised by this project's code, whose message names the fix: it ends
+    the run as that one line, exit status 1. A ValueError raised inside a library keeps its traceback (a bug)."""
     try:
         main()
     except ValueError as e:
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        if Path(tb.tb_frame.f_code.co_filename).resolve().parent != Path(__file__).resolve().parent:
+            raise
         sys.exit(f"error: {e}")
 
 

@@ -93,6 +93,14 @@ def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
     assert not any(tmp_path.iterdir())  # failed before any work: no run folder, no data
 
 
+def test_run_cli_ends_user_errors_as_one_line_but_keeps_library_tracebacks():
+    with pytest.raises(SystemExit) as exit_:  # a check of the project's own code
+        C.run_cli(lambda: C.check_counts(argparse.Namespace(n=0), n=1))
+    assert exit_.value.code == "error: --n must be >= 1, got 0"  # printed to stderr, exit status 1
+    with pytest.raises(json.JSONDecodeError):  # a ValueError from inside a library is a bug: traceback kept
+        C.run_cli(lambda: json.loads("{"))
+
+
 def test_count_flags_are_checked_before_any_work():
     import diamond
     args = argparse.Namespace(n=None, npz=0, steps=1)
