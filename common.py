@@ -110,13 +110,17 @@ def config_from_args(cfg, args: argparse.Namespace):
     return dataclasses.replace(cfg, **changes)
 
 
-def check_counts(args, **least) -> None:
-    """Count flags of a command line, checked before any work: check_counts(args, n=1, npz=0) needs args.n >= 1
-    and args.npz >= 0. A flag left at None (its default: derived later) is skipped."""
-    for name, low in least.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+def check_ranges(obj, positive=(), non_negative=(), unit=()) -> None:
+    """Before any work: raise a ValueError naming the flag (--field-name) of the first value of `obj` (a config
+    dataclass or parsed flags) out of its range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1]. A value
+    left at None (a default derived later) is skipped."""
+    bounds = ((positive, lambda v: v > 0, "must be positive"), (non_negative, lambda v: v >= 0, "must be >= 0"),
+              (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    for names, ok, want in bounds:
+        for name in names:
+            value = getattr(obj, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"--{name.lower().replace('_', '-')} {want}, got {value}")
 
 
 def run_cli(main) -> None:

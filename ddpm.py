@@ -117,19 +117,14 @@ def check_config(cfg: DDPMConfig) -> None:
     """Raise a ValueError naming the flag for every invalid value, before any work is done."""
     if not (cfg.dataset in ("cifar10", "shapes") or cfg.dataset.startswith("folder:")):
         raise ValueError(f"--dataset {cfg.dataset!r} is unknown; use cifar10, shapes or folder:PATH")
-    for name in ("img_size", "ch", "num_res_blocks", "norm_groups", "timesteps", "steps", "batch_size", "lr",
-                 "grad_clip", "log_every", "ckpt_every", "sample_n", "sample_steps", "eval_n"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup", "sample_every", "eval_every"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    common.check_ranges(cfg, positive=("img_size", "ch", "num_res_blocks", "norm_groups", "timesteps", "steps",
+                                       "batch_size", "lr", "grad_clip", "log_every", "ckpt_every", "sample_n",
+                                       "sample_steps", "eval_n"),
+                        non_negative=("warmup", "sample_every", "eval_every"), unit=("ema_decay",))
     if not cfg.ch_mult or min(cfg.ch_mult) <= 0:
         raise ValueError(f"--ch-mult needs positive multipliers, got {' '.join(map(str, cfg.ch_mult))}")
     if cfg.schedule == "linear" and not 0 < cfg.beta_start < cfg.beta_end < 1:
         raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
-    if not 0 <= cfg.ema_decay <= 1:
-        raise ValueError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
     down = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.img_size % down:
         raise ValueError(f"--img-size {cfg.img_size} must be divisible by {down} = 2^(len(--ch-mult)-1) "
@@ -786,7 +781,7 @@ def cmd_sample(argv) -> None:
     p.add_argument("--out", default="samples.png", help="grid PNG path")
     p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
     args = p.parse_args(argv)
-    common.check_counts(args, n=1, batch_size=1, npz=0)
+    common.check_ranges(args, positive=("n", "batch_size"), non_negative=("npz",))
     device = common.pick_device(args.device)
     model, _, _ = load_for_sampling(args, device)
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -807,7 +802,7 @@ def cmd_evaluate(argv) -> None:
     p.add_argument("--n", type=int, default=1000, help="samples to score")
     p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
     args = p.parse_args(argv)
-    common.check_counts(args, n=1, batch_size=1)
+    common.check_ranges(args, positive=("n", "batch_size"))
     device = common.pick_device(args.device)
     model, ckpt, run_dir = load_for_sampling(args, device)
     g = torch.Generator(device=device).manual_seed(args.seed)

@@ -162,23 +162,18 @@ class DiamondConfig:
 
 def check_config(cfg: DiamondConfig) -> None:
     """Raise a ValueError naming the flag for every invalid value, before any work (collection, run folder)."""
+    common.check_ranges(
+        cfg, positive=("obs_size", "num_steps_conditioning", "diffusion_cond_dim", "num_sampling_steps",
+                       "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_lstm_dim", "imagination_horizon",
+                       "imagination_batch_size", "batch_size", "num_epochs", "env_steps", "env_steps_per_epoch",
+                       "eval_every", "eval_episodes", "final_eval_episodes", "eval_max_steps", "learning_rate",
+                       "max_grad_norm_denoiser", "max_grad_norm_rew_end", "max_grad_norm_actor_critic"),
+        non_negative=("warmup_steps", "initial_collection_steps", "initial_collection_max",
+                      "denoiser_steps_first_epoch", "rew_end_steps_first_epoch", "actor_critic_steps_first_epoch",
+                      "denoiser_steps_per_epoch", "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch",
+                      "weight_decay", "actor_critic_weight_decay", "entropy_weight", "value_weight"),
+        unit=("sticky_actions", "collect_epsilon", "discount_factor", "lambda_returns"))
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name in ("obs_size", "num_steps_conditioning", "diffusion_cond_dim", "num_sampling_steps", "rew_end_cond_dim",
-                 "rew_end_lstm_dim", "actor_critic_lstm_dim", "imagination_horizon", "imagination_batch_size",
-                 "batch_size", "num_epochs", "env_steps", "env_steps_per_epoch", "eval_every", "eval_episodes",
-                 "final_eval_episodes", "eval_max_steps", "learning_rate", "max_grad_norm_denoiser",
-                 "max_grad_norm_rew_end", "max_grad_norm_actor_critic"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "initial_collection_steps", "initial_collection_max", "denoiser_steps_first_epoch",
-                 "rew_end_steps_first_epoch", "actor_critic_steps_first_epoch", "denoiser_steps_per_epoch",
-                 "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch", "weight_decay",
-                 "actor_critic_weight_decay", "entropy_weight", "value_weight"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("sticky_actions", "collect_epsilon", "discount_factor", "lambda_returns"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
     for net, levels in (("diffusion", ("channels", "depths", "attn_depths")), ("rew_end", ("channels", "depths"))):
         lists = {flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in levels}
         if len({len(v) for v in lists.values()}) != 1:
@@ -1656,9 +1651,7 @@ def eval_command(argv) -> dict:
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
-    common.check_counts(args, episodes=1, max_steps=1)
-    if not 0 <= args.epsilon <= 1:
-        raise ValueError(f"--epsilon must be in [0, 1] (1: the random policy), got {args.epsilon}")
+    common.check_ranges(args, positive=("episodes", "max_steps"), unit=("epsilon",))
     # the published agents use the paper's networks (large preset)
     cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"]) if args.ckpt else DiamondConfig()
     cfg.game, cfg.device = args.game or cfg.game, args.device
@@ -1702,7 +1695,7 @@ def dream_command(argv) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    common.check_counts(args, steps=1)
+    common.check_ranges(args, positive=("steps",))
     return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
 
 

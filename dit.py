@@ -159,23 +159,16 @@ def check_config(cfg: DiTConfig) -> None:
         raise ValueError(f"--width {cfg.WIDTH} must be divisible by --heads {cfg.HEADS}")
     if cfg.WIDTH % 4:
         raise ValueError(f"--width {cfg.WIDTH} must be divisible by 4 (2-D sin-cos position code)")
-    for name in ("IMG_SIZE", "PATCH", "WIDTH", "DEPTH", "HEADS", "MLP_RATIO", "BATCH", "TIMESTEPS", "LOG_EVERY",
-                 "CKPT_EVERY", "SAMPLE_N", "SAMPLE_STEPS", "EVAL_N"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("SAMPLE_EVERY", "EVAL_EVERY", "WEIGHT_DECAY"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    common.check_ranges(cfg, positive=("IMG_SIZE", "PATCH", "WIDTH", "DEPTH", "HEADS", "MLP_RATIO", "BATCH",
+                                       "TIMESTEPS", "LR", "LOG_EVERY", "CKPT_EVERY", "SAMPLE_N", "SAMPLE_STEPS",
+                                       "EVAL_N"),
+                        non_negative=("SAMPLE_EVERY", "EVAL_EVERY", "WEIGHT_DECAY"), unit=("EMA_DECAY",))
     if cfg.STEPS < 0 or (cfg.STEPS == 0 and cfg.EPOCHS <= 0):
         raise ValueError(f"--steps {cfg.STEPS} / --epochs {cfg.EPOCHS}: give a positive number of either")
     if not 0 < cfg.BETA_START < cfg.BETA_END < 1:
         raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.BETA_START}, {cfg.BETA_END}")
     if not 0 <= cfg.CLASS_DROPOUT < 1:
         raise ValueError(f"--class-dropout must be in [0, 1), got {cfg.CLASS_DROPOUT}")
-    if not 0 <= cfg.EMA_DECAY <= 1:
-        raise ValueError(f"--ema-decay must be in [0, 1], got {cfg.EMA_DECAY}")
-    if cfg.LR <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.LR}")
     if cfg.SAMPLE_SAMPLER not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.SAMPLE_SAMPLER!r}: use one of {', '.join(SAMPLERS)}")
     if cfg.GUIDANCE and (cfg.UNCOND or cfg.CLASS_DROPOUT == 0):
@@ -898,7 +891,7 @@ def cmd_sample(argv) -> None:
     p.add_argument("--out", default="samples.png", help="grid PNG path")
     p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
     args = p.parse_args(argv)
-    common.check_counts(args, n=1, batch_size=1, npz=0)
+    common.check_ranges(args, positive=("n", "batch_size"), non_negative=("npz",))
     model, cfg, _, diffusion, g = load_for_sampling(args)
     per_class = model.num_classes and args.cls is None
     n = args.n or (8 * model.num_classes if per_class else 64)
@@ -925,7 +918,7 @@ def cmd_evaluate(argv) -> None:
     p.add_argument("--n", type=int, default=1000, help="samples to score")
     p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
     args = p.parse_args(argv)
-    common.check_counts(args, n=1, batch_size=1)
+    common.check_ranges(args, positive=("n", "batch_size"))
     if args.cls is not None:
         raise ValueError("evaluate scores all classes; drop --class")
     model, cfg, ckpt, diffusion, g = load_for_sampling(args)

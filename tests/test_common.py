@@ -78,9 +78,9 @@ def test_config_flags_parse_every_kind():
     (["ddpm.py", "sample", "--ckpt", "missing.pt"], "error: no checkpoint file at missing.pt"),
     (["dit.py", "--dataset", "folder:no_such_folder"], "error: --dataset folder:no_such_folder: no such folder"),
     (["diamond.py", "--game", "NoSuchGame-v5"], "error: --game 'NoSuchGame-v5' is not an Atari game of ale-py"),
-    (["ddpm.py", "evaluate", "--ckpt", "missing.pt", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["ddpm.py", "evaluate", "--ckpt", "missing.pt", "--batch-size", "0"], "error: --batch-size must be positive"),
     (["dit.py", "sample", "--ckpt", "missing.pt", "--npz", "-5"], "error: --npz must be >= 0, got -5"),
-    (["diamond.py", "eval", "--ckpt", "missing.pt", "--episodes", "0"], "error: --episodes must be >= 1, got 0"),
+    (["diamond.py", "eval", "--ckpt", "missing.pt", "--episodes", "0"], "error: --episodes must be positive, got 0"),
 ])
 def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
     """What a user can get wrong ends each script as one `error: ...` line naming the fix, exit status 1."""
@@ -95,8 +95,8 @@ def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
 
 def test_run_cli_ends_user_errors_as_one_line_but_keeps_library_tracebacks():
     with pytest.raises(SystemExit) as exit_:  # a check of the project's own code
-        C.run_cli(lambda: C.check_counts(argparse.Namespace(n=0), n=1))
-    assert exit_.value.code == "error: --n must be >= 1, got 0"  # printed to stderr, exit status 1
+        C.run_cli(lambda: C.check_ranges(argparse.Namespace(n=0), positive=("n",)))
+    assert exit_.value.code == "error: --n must be positive, got 0"  # printed to stderr, exit status 1
     with pytest.raises(json.JSONDecodeError):  # a ValueError from inside a library is a bug: traceback kept
         C.run_cli(lambda: json.loads("{"))
 
@@ -104,12 +104,12 @@ def test_run_cli_ends_user_errors_as_one_line_but_keeps_library_tracebacks():
 def test_count_flags_are_checked_before_any_work():
     import diamond
     args = argparse.Namespace(n=None, npz=0, steps=1)
-    C.check_counts(args, n=1, npz=0, steps=1)  # None (a default derived later) and the bounds themselves pass
-    with pytest.raises(ValueError, match="--steps must be >= 1, got 0"):
+    C.check_ranges(args, positive=("n", "steps"), non_negative=("npz",))  # None (derived later) and the bounds pass
+    with pytest.raises(ValueError, match="--steps must be positive, got 0"):
         diamond.dream_command(["--ckpt", "missing.pt", "--steps", "0"])
     with pytest.raises(ValueError, match=r"--epsilon must be in \[0, 1\]"):
         diamond.eval_command(["--ckpt", "missing.pt", "--epsilon", "1.5"])
-    with pytest.raises(ValueError, match="--max-steps must be >= 1, got -3"):
+    with pytest.raises(ValueError, match="--max-steps must be positive, got -3"):
         diamond.eval_command(["--ckpt", "missing.pt", "--max-steps", "-3"])
 
 
