@@ -71,29 +71,34 @@ def _scalar_parser(hint, default):
     return lambda s: None if s.lower() == "none" else base(s)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field: `--` + name lowercased with `_` -> `-` (IMG_SIZE -> --img-size)."""
+    return "--" + name.lower().replace("_", "-")
+
+
 def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentParser:
-    """One flag per dataclass field of the instance `cfg`: `--` + name lowercased with `_` -> `-`.
+    """One flag per dataclass field of the instance `cfg`, named by `flag`.
     Defaults are the instance's values; bools get --x / --no-x; lists and tuples take nargs='+';
     help is field(metadata={"help": ...}) when given, else the type and default. dest = field name."""
     hints = _field_types(cfg)
     for f in dataclasses.fields(cfg):
         default = getattr(cfg, f.name)
         hint = hints.get(f.name, f.type)
-        flag = "--" + f.name.lower().replace("_", "-")
+        option = flag(f.name)
         type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         help_text = f.metadata.get("help", type_name)
         help_text = f"{help_text} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
         if hint is bool or isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text,
+            parser.add_argument(option, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
         elif isinstance(default, (list, tuple)) or typing.get_origin(hint) in (list, tuple):
             elem_hints = [a for a in typing.get_args(hint) if a is not Ellipsis]
             elem_hint = elem_hints[0] if elem_hints else None
             convert = _scalar_parser(elem_hint, default[0] if default else None)
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, nargs="+", type=convert)
+            parser.add_argument(option, dest=f.name, default=default, help=help_text, nargs="+", type=convert)
         else:
             convert = _scalar_parser(hint, default)
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=convert)
+            parser.add_argument(option, dest=f.name, default=default, help=help_text, type=convert)
     return parser
 
 
@@ -110,17 +115,17 @@ def config_from_args(cfg, args: argparse.Namespace):
     return dataclasses.replace(cfg, **changes)
 
 
-def check_ranges(obj, positive=(), non_negative=(), unit=()) -> None:
-    """Before any work: raise a ValueError naming the flag (--field-name) of the first value of `obj` (a config
-    dataclass or parsed flags) out of its range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1]. A value
-    left at None (a default derived later) is skipped."""
+def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
+    """Before any work: raise a ValueError naming the flag of the first value of `obj` (a config dataclass or
+    parsed flags) out of its range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1], `rate` in [0, 1)
+    (a dropout rate: 1 would drop everything). A value left at None (a default derived later) is skipped."""
     bounds = ((positive, lambda v: v > 0, "must be positive"), (non_negative, lambda v: v >= 0, "must be >= 0"),
-              (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+              (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"), (rate, lambda v: 0 <= v < 1, "must be in [0, 1)"))
     for names, ok, want in bounds:
         for name in names:
             value = getattr(obj, name)
             if value is not None and not ok(value):
-                raise ValueError(f"--{name.lower().replace('_', '-')} {want}, got {value}")
+                raise ValueError(f"{flag(name)} {want}, got {value}")
 
 
 def run_cli(main) -> None:

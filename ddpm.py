@@ -120,7 +120,8 @@ def check_config(cfg: DDPMConfig) -> None:
     common.check_ranges(cfg, positive=("img_size", "ch", "num_res_blocks", "norm_groups", "timesteps", "steps",
                                        "batch_size", "lr", "grad_clip", "log_every", "ckpt_every", "sample_n",
                                        "sample_steps", "eval_n"),
-                        non_negative=("warmup", "sample_every", "eval_every"), unit=("ema_decay",))
+                        non_negative=("warmup", "sample_every", "eval_every"), unit=("ema_decay",),
+                        rate=("dropout", "label_dropout"))
     if not cfg.ch_mult or min(cfg.ch_mult) <= 0:
         raise ValueError(f"--ch-mult needs positive multipliers, got {' '.join(map(str, cfg.ch_mult))}")
     if cfg.schedule == "linear" and not 0 < cfg.beta_start < cfg.beta_end < 1:
@@ -141,9 +142,6 @@ def check_config(cfg: DDPMConfig) -> None:
                          "--img-size 32, 16 or 8 (use --npz and the ADM evaluator for CIFAR-10 FID)")
     if cfg.sample_sampler not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
-    for flag, p in (("--dropout", cfg.dropout), ("--label-dropout", cfg.label_dropout)):
-        if not 0 <= p < 1:
-            raise ValueError(f"{flag} must be in [0, 1), got {p}")
 
 
 SAMPLERS = common.SAMPLERS  # what common.sample implements (it checks the name, too)
@@ -550,7 +548,7 @@ def config_from_checkpoint(ckpt: dict) -> DDPMConfig:
 
 
 def check_same_model(cfg: DDPMConfig, saved: DDPMConfig) -> None:
-    diff = [f"--{k.replace('_', '-').lower()} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
+    diff = [f"{common.flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
             for k in MODEL_FIELDS if tuple_or(getattr(cfg, k)) != tuple_or(getattr(saved, k))]
     if diff:
         raise common.CheckpointError("checkpoint was trained with another config: " + "; ".join(diff))

@@ -173,15 +173,14 @@ def check_config(cfg: DiamondConfig) -> None:
                       "denoiser_steps_per_epoch", "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch",
                       "weight_decay", "actor_critic_weight_decay", "entropy_weight", "value_weight"),
         unit=("sticky_actions", "collect_epsilon", "discount_factor", "lambda_returns"))
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for net, levels in (("diffusion", ("channels", "depths", "attn_depths")), ("rew_end", ("channels", "depths"))):
-        lists = {flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in levels}
+        lists = {common.flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in levels}
         if len({len(v) for v in lists.values()}) != 1:
             raise ValueError(f"{', '.join(lists)} need one value per U-Net level each, got " +
                              ", ".join(f"{k} {' '.join(map(str, v))}" for k, v in lists.items()))
     for name in ("diffusion_channels", "rew_end_channels", "actor_critic_channels"):
         if not getattr(cfg, name) or min(getattr(cfg, name)) <= 0:
-            raise ValueError(f"{flag(name)} needs positive widths, got {' '.join(map(str, getattr(cfg, name)))}")
+            raise ValueError(f"{common.flag(name)} needs positive widths, got {' '.join(map(str, getattr(cfg, name)))}")
     if min(cfg.sample_weights, default=-1) < 0 or sum(cfg.sample_weights) <= 0:
         raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got "
                          f"{' '.join(map(str, cfg.sample_weights))}")
@@ -1608,7 +1607,7 @@ def train_command(argv) -> dict:
     check_config(cfg)
     if args.resume:  # e.g. --resume RUN --num-epochs 60 trains longer
         run_dir = Path(args.resume)
-        changed = [f"--{f.replace('_', '-')}" for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]
+        changed = [common.flag(f) for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]
         if changed:
             raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot change "
                              f"(start a new run to change them)")

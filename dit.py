@@ -131,10 +131,6 @@ MAX_PERIOD = 10_000     # sinusoid period (Vaswani et al. 2017), also of the 2-D
 LN_EPS = 1e-6           # LayerNorm epsilon of the official blocks
 
 
-def _flag(name: str) -> str:
-    return "--" + name.lower().replace("_", "-")
-
-
 def check_config(cfg: DiTConfig) -> None:
     """Raise a ValueError naming the flag for every invalid or inconsistent value, before any work."""
     if not (cfg.DATASET in ("cifar10", "shapes") or cfg.DATASET.startswith("folder:")):
@@ -144,7 +140,7 @@ def check_config(cfg: DiTConfig) -> None:
     if cfg.MODEL is not None:
         if cfg.MODEL not in DIT_MODELS:
             raise ValueError(f"--model {cfg.MODEL!r} is unknown; use one of {', '.join(DIT_MODELS)}")
-        bad = [f"{_flag(k)} {getattr(cfg, k)} (it has {v})" for k, v in DIT_MODELS[cfg.MODEL].items()
+        bad = [f"{common.flag(k)} {getattr(cfg, k)} (it has {v})" for k, v in DIT_MODELS[cfg.MODEL].items()
                if getattr(cfg, k) != v]
         if bad:
             raise ValueError(f"--model {cfg.MODEL} contradicts " + ", ".join(bad) + "; drop one of them")
@@ -162,13 +158,12 @@ def check_config(cfg: DiTConfig) -> None:
     common.check_ranges(cfg, positive=("IMG_SIZE", "PATCH", "WIDTH", "DEPTH", "HEADS", "MLP_RATIO", "BATCH",
                                        "TIMESTEPS", "LR", "LOG_EVERY", "CKPT_EVERY", "SAMPLE_N", "SAMPLE_STEPS",
                                        "EVAL_N"),
-                        non_negative=("SAMPLE_EVERY", "EVAL_EVERY", "WEIGHT_DECAY"), unit=("EMA_DECAY",))
+                        non_negative=("SAMPLE_EVERY", "EVAL_EVERY", "WEIGHT_DECAY"), unit=("EMA_DECAY",),
+                        rate=("CLASS_DROPOUT",))
     if cfg.STEPS < 0 or (cfg.STEPS == 0 and cfg.EPOCHS <= 0):
         raise ValueError(f"--steps {cfg.STEPS} / --epochs {cfg.EPOCHS}: give a positive number of either")
     if not 0 < cfg.BETA_START < cfg.BETA_END < 1:
         raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.BETA_START}, {cfg.BETA_END}")
-    if not 0 <= cfg.CLASS_DROPOUT < 1:
-        raise ValueError(f"--class-dropout must be in [0, 1), got {cfg.CLASS_DROPOUT}")
     if cfg.SAMPLE_SAMPLER not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.SAMPLE_SAMPLER!r}: use one of {', '.join(SAMPLERS)}")
     if cfg.GUIDANCE and (cfg.UNCOND or cfg.CLASS_DROPOUT == 0):
@@ -737,7 +732,7 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
         run_dir = Path(resume)
         ckpt = common.load_checkpoint(run_dir / "ckpt.pt", kind="dit")
         saved = config_from_checkpoint(ckpt)
-        diff = [f"{_flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
+        diff = [f"{common.flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
                 for k in MODEL_FIELDS + ("DATASET",) if getattr(saved, k) != getattr(cfg, k)]
         if diff:
             raise common.CheckpointError("--resume: the run was trained with another model: " + "; ".join(diff))
