@@ -239,19 +239,23 @@ def perturb_(model, std=0.02):
 
 def official_dit_forward(m, x, t, y, train: bool):
     """DiT forward in the op order of the official models.py and the timm PatchEmbed / Attention / Mlp it uses,
-    run on the parameters of our DiT `m` (same names). Label dropout happens here, as in the official forward."""
+    run on the parameters of our DiT `m` (same names). Label dropout happens here, as in the official forward.
+    Its Linears are nn.Linear's F.linear (torch's BLAS), not our common.Linear (oneDNN's forward GEMM on the CPU)."""
+    def linear(layer, h):
+        return torch.nn.functional.linear(h, layer.weight, layer.bias)
+
     def modulate(h, shift, scale):
         return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
     def attention(a, h):
         B, N, C = h.shape
-        q, k, v = a.qkv(h).reshape(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = linear(a.qkv, h).reshape(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4).unbind(0)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
-        return torch.nn.functional.dropout(a.proj(o.transpose(1, 2).reshape(B, N, C)), 0.0, train)
+        return torch.nn.functional.dropout(linear(a.proj, o.transpose(1, 2).reshape(B, N, C)), 0.0, train)
 
     def mlp(f, h):
-        h = torch.nn.functional.dropout(torch.nn.functional.gelu(f.fc1(h), approximate="tanh"), 0.0, train)
-        return torch.nn.functional.dropout(f.fc2(h), 0.0, train)
+        h = torch.nn.functional.dropout(torch.nn.functional.gelu(linear(f.fc1, h), approximate="tanh"), 0.0, train)
+        return torch.nn.functional.dropout(linear(f.fc2, h), 0.0, train)
 
     import dit
     h = m.x_embedder.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
