@@ -11,6 +11,7 @@ own. On a GPU the same script runs in bf16. Writes bench.json.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -19,7 +20,7 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,6 +46,13 @@ def timeit(fn, warmup=1, min_time=4.0, min_iters=3):
         n += 1
     sync()
     return (time.perf_counter() - t0) / n
+
+
+if common._HAS_ONEDNN_LINEAR:
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        """common.Linear's CPU forward GEMM, which FlopCounterMode does not know: 2 M K N, as its addmm."""
+        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
 
 
 def forward_flops(fn):
