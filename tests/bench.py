@@ -71,8 +71,9 @@ def autocast():
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
 
 
-def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, **opt_kwargs):
-    """A function doing one full training step: loss (autocast on GPU), backward, optimizer update."""
+def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, after=None, **opt_kwargs):
+    """A function doing one full training step: loss (autocast on GPU), backward, optimizer update, then
+    `after()` if given (the EMA update of a training loop)."""
     opt = opt_cls([p for p in params if p.requires_grad], lr=lr, **opt_kwargs)
 
     def step():
@@ -81,6 +82,8 @@ def optimizer_step(params, loss_fn, opt_cls=torch.optim.Adam, lr=1e-4, **opt_kwa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after is not None:
+            after()
     return step
 
 
@@ -282,8 +285,10 @@ def official_dit_forward(m, x, t, y, train: bool):
 
 
 def ab_dit(B: int) -> dict:
-    """Our DiT training step against the official op order (official training_losses: float64 numpy tables
-    gathered per call, mean-flat MSE; AdamW lr 1e-4, no weight decay, as official train.py), CIFAR default config."""
+    """Our DiT training step against the official op order, CIFAR default config. A step is what each train.py
+    loop does: loss (official training_losses: float64 numpy tables gathered per call, mean-flat MSE), backward,
+    AdamW (lr 1e-4, no weight decay), EMA update (official update_ema: mul_ then add_ per parameter; ours:
+    common.ema_update, as dit.py)."""
     import copy
     import numpy as np
     import dit
@@ -301,6 +306,14 @@ def ab_dit(B: int) -> dict:
         diff = (ours.eval()(x, t, y) - official_dit_forward(ref.eval(), x, t, y, False)).abs().max().item()
     ours.train(), ref.train()
 
+    ref_ema, ours_ema = common.make_ema(ref), common.make_ema(ours)
+
+    @torch.no_grad()
+    def official_update_ema(decay=0.9999):
+        ema_params = dict(ref_ema.named_parameters())
+        for name, param in ref.named_parameters():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
     def extract(arr, t):  # the official _extract_into_tensor
         return torch.from_numpy(arr).to(t.device)[t].float()[:, None, None, None]
 
@@ -312,10 +325,11 @@ def ab_dit(B: int) -> dict:
 
     # weight_decay=0 on both sides: official train.py and dit.py's default (AdamW's own default is 0.01)
     rates, speedup = ab_rates({"official": optimizer_step(ref.parameters(), ref_loss, torch.optim.AdamW,
-                                                          weight_decay=0.0),
+                                                          after=official_update_ema, weight_decay=0.0),
                                "ours": optimizer_step(ours.parameters(),  # the optimizer of dit.py's loop
                                                       lambda: diffusion.loss(ours, x, y, ours.null_class, 0.1)[0],
                                                       torch.optim.AdamW, weight_decay=0.0,
+                                                      after=lambda: common.ema_update(ours_ema, ours, 0.9999),
                                                       **common.fused_adam(DEVICE))}, B, rounds=25)
     return {"ab_reference": "official DiT op order (models.py + timm layers)", "ab_ours_items_s": rates["ours"],
             "ab_ref_items_s": rates["official"], "ab_speedup": speedup, "ab_max_abs_diff": diff}
