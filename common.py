@@ -704,9 +704,12 @@ def fused_adam(device) -> dict:
     return {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
 
 
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b, the forward GEMM by oneDNN; backward as nn.Linear's (dgrad and wgrad by torch's BLAS, which
-    measured as fast as oneDNN's for those: oneDNN would need transposed copies)."""
+    """y = x W^T + b with the forward GEMM by oneDNN; backward as nn.Linear's, by torch's BLAS (oneDNN measured
+    slower there: its input and weight gradients read transposed operands)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -725,20 +728,17 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict keys) whose forward runs oneDNN's float32 GEMM on the CPU.
-    Why: torch sends an fp32 CPU Linear to MKL's sgemm, which on this project's AMD CPU is ~12% slower than
-    oneDNN at transformer shapes (M = B*T rows, K, N in 384..1536); DiT trains ~6% faster for it. Same math in
-    float32 (sums in another order: outputs agree with F.linear to ~1e-6). Everywhere else (GPU, float64,
-    autocast, torch.compile, a torch built without oneDNN) it is F.linear."""
+    """nn.Linear (same parameters and state_dict keys) whose float32 CPU forward runs oneDNN's GEMM. torch sends a
+    float32 CPU Linear to MKL's sgemm, which on this project's AMD CPU takes ~15% longer than oneDNN at transformer
+    shapes (B*T = 2048 rows, 384 to 1536 features in and out): DiT's training step is ~3% faster for it. Same
+    math, float32 sums in another order (outputs agree with F.linear to ~1e-6). Elsewhere (GPU, float64, autocast,
+    torch.compile, a torch built without oneDNN) it is F.linear."""
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and _HAS_ONEDNN_LINEAR
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 # EMA of weights (Polyak averaging): theta_ema <- decay * theta_ema + (1 - decay) * theta. Samples come
