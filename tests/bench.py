@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402  (the repo's, found through ROOT)
+import dit  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16 = DEVICE.type == "cuda"
@@ -48,10 +49,10 @@ def timeit(fn, warmup=1, min_time=4.0, min_iters=3):
     return (time.perf_counter() - t0) / n
 
 
-if common._HAS_ONEDNN_LINEAR:
+if dit._HAS_ONEDNN_LINEAR:
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
-        """common.Linear's CPU forward GEMM, which FlopCounterMode does not know: 2 M K N, as its addmm."""
+        """dit.Linear's CPU forward GEMM, which FlopCounterMode does not know: 2 M K N, as its addmm."""
         return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
 
 
@@ -130,7 +131,6 @@ def bench_ddpm():
 
 
 def bench_dit():
-    import dit
     torch.manual_seed(0)
     cfg = dit.get_dit_config(DATASET="shapes")  # the CIFAR default: width 384, depth 6, 6 heads, patch 4
     model = dit.build_model(cfg, num_classes=10).to(DEVICE)
@@ -251,7 +251,7 @@ def perturb_(model, std=0.02):
 def official_dit_forward(m, x, t, y, train: bool):
     """DiT forward in the op order of the official models.py and the timm PatchEmbed / Attention / Mlp it uses,
     run on the parameters of our DiT `m` (same names). Label dropout happens here, as in the official forward.
-    Its Linears are nn.Linear's F.linear (torch's BLAS), not our common.Linear (oneDNN's forward GEMM on the CPU)."""
+    Its Linears are nn.Linear's F.linear (torch's BLAS), not our dit.Linear (oneDNN's forward GEMM on the CPU)."""
     def linear(layer, h):
         return torch.nn.functional.linear(h, layer.weight, layer.bias)
 
@@ -268,7 +268,6 @@ def official_dit_forward(m, x, t, y, train: bool):
         h = torch.nn.functional.dropout(torch.nn.functional.gelu(linear(f.fc1, h), approximate="tanh"), 0.0, train)
         return torch.nn.functional.dropout(linear(f.fc2, h), 0.0, train)
 
-    import dit
     h = m.x_embedder.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
     if train:
         y = torch.where(torch.rand(y.shape[0], device=y.device) < 0.1, m.num_classes, y)
@@ -291,7 +290,6 @@ def ab_dit(B: int) -> dict:
     common.ema_update, as dit.py)."""
     import copy
     import numpy as np
-    import dit
     torch.manual_seed(0)
     cfg = dit.get_dit_config(DATASET="shapes")
     ours = dit.build_model(cfg, num_classes=10).to(DEVICE)

@@ -133,33 +133,6 @@ def test_seed_device_autocast_compile_flag():
     assert C.all_reduce_mean(2.5, dist) == 2.5
 
 
-def test_linear_matches_nn_linear_through_onednn():
-    """common.Linear: nn.Linear's parameters and keys; its float32 CPU forward goes through oneDNN (the path is
-    checked, not assumed) and agrees with F.linear in outputs and all three gradients; float64 is F.linear."""
-    torch.manual_seed(0)
-    assert C._HAS_ONEDNN_LINEAR  # torch's CPU and CUDA wheels are built with oneDNN
-    for bias in (True, False):
-        ref = nn.Linear(24, 40, bias=bias)
-        lin = C.Linear(24, 40, bias=bias)
-        lin.load_state_dict(ref.state_dict(), strict=True)
-        for shape in [(5, 24), (3, 7, 24)]:
-            x = torch.randn(shape)
-            g = torch.randn(*shape[:-1], 40)
-            x_ref, x_lin = x.clone().requires_grad_(), x.clone().requires_grad_()
-            y_ref, y_lin = ref(x_ref), lin(x_lin)
-            assert type(y_lin.grad_fn).__name__ == "_OneDNNLinearBackward"
-            torch.testing.assert_close(y_lin, y_ref, rtol=1e-5, atol=1e-5)
-            y_ref.backward(g), y_lin.backward(g)
-            torch.testing.assert_close(x_lin.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-            for p_lin, p_ref in zip(lin.parameters(), ref.parameters()):
-                torch.testing.assert_close(p_lin.grad, p_ref.grad, rtol=1e-5, atol=1e-5)
-            lin.zero_grad(), ref.zero_grad()
-        with torch.no_grad():  # an input that needs no gradient, and inference
-            assert torch.allclose(lin(x), ref(x), atol=1e-5)
-    lin64, x64 = C.Linear(24, 40).double(), torch.randn(3, 24, dtype=torch.float64)
-    assert torch.equal(lin64(x64), torch.nn.functional.linear(x64, lin64.weight, lin64.bias))
-
-
 def test_ema_math():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
