@@ -160,6 +160,12 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
+def check_linear_betas(beta_start: float, beta_end: float) -> None:
+    """The config check of linear_betas' range (--beta-start, --beta-end): a ValueError naming both flags."""
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {beta_start}, {beta_end}")
+
+
 def cosine_betas(T: int = 1000, s: float = COSINE_S, max_beta: float = MAX_BETA) -> torch.Tensor:
     """(T,) float64: f(u) = cos((u + s) / (1 + s) * pi/2)^2 and beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta),
     i.e. alpha-bar_t = f((t+1)/T) / f(0) up to the clamp (diffusers' "squaredcos_cap_v2")."""

@@ -124,8 +124,8 @@ def check_config(cfg: DDPMConfig) -> None:
                         rate=("dropout", "label_dropout"))
     if not cfg.ch_mult or min(cfg.ch_mult) <= 0:
         raise ValueError(f"--ch-mult needs positive multipliers, got {' '.join(map(str, cfg.ch_mult))}")
-    if cfg.schedule == "linear" and not 0 < cfg.beta_start < cfg.beta_end < 1:
-        raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    if cfg.schedule == "linear":
+        common.check_linear_betas(cfg.beta_start, cfg.beta_end)
     down = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.img_size % down:
         raise ValueError(f"--img-size {cfg.img_size} must be divisible by {down} = 2^(len(--ch-mult)-1) "

@@ -162,8 +162,7 @@ def check_config(cfg: DiTConfig) -> None:
                         rate=("CLASS_DROPOUT",))
     if cfg.STEPS < 0 or (cfg.STEPS == 0 and cfg.EPOCHS <= 0):
         raise ValueError(f"--steps {cfg.STEPS} / --epochs {cfg.EPOCHS}: give a positive number of either")
-    if not 0 < cfg.BETA_START < cfg.BETA_END < 1:
-        raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {cfg.BETA_START}, {cfg.BETA_END}")
+    common.check_linear_betas(cfg.BETA_START, cfg.BETA_END)
     if cfg.SAMPLE_SAMPLER not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.SAMPLE_SAMPLER!r}: use one of {', '.join(SAMPLERS)}")
     if cfg.GUIDANCE and (cfg.UNCOND or cfg.CLASS_DROPOUT == 0):

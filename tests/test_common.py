@@ -133,6 +133,20 @@ def test_seed_device_autocast_compile_flag():
     assert C.all_reduce_mean(2.5, dist) == 2.5
 
 
+def test_linear_beta_range_is_checked_by_both_scripts():
+    import ddpm
+    import dit
+    C.check_linear_betas(1e-4, 0.02)
+    for start, end in [(0.0, 0.02), (0.02, 1e-4), (1e-4, 1.0)]:
+        with pytest.raises(ValueError, match="need 0 < --beta-start < --beta-end < 1"):
+            C.check_linear_betas(start, end)
+    with pytest.raises(ValueError, match="need 0 < --beta-start < --beta-end < 1, got 0.5, 0.02"):
+        dit.get_dit_config(BETA_START=0.5)
+    with pytest.raises(ValueError, match="need 0 < --beta-start < --beta-end < 1, got 0.5, 0.02"):
+        ddpm.check_config(ddpm.DDPMConfig(beta_start=0.5, beta_end=0.02))
+    ddpm.check_config(ddpm.DDPMConfig(schedule="cosine", beta_start=0.5, beta_end=0.02))  # unused by cosine
+
+
 def test_ema_math():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
