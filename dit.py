@@ -259,6 +259,13 @@ class LabelEmbedder(nn.Module):
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _cpu_float32_eager(x) -> bool:
+    """Where the CPU kernels below (Linear, gelu_tanh) apply; on a GPU, in float64, under autocast or inside
+    torch.compile the plain torch op is used instead."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with the forward GEMM by oneDNN; backward as nn.Linear's, by torch's BLAS (oneDNN measured
     slower there: its input and weight gradients read transposed operands)."""
@@ -287,10 +294,38 @@ class Linear(nn.Linear):
     torch.compile, a torch built without oneDNN) it is F.linear."""
 
     def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and _HAS_ONEDNN_LINEAR
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if _HAS_ONEDNN_LINEAR and _cpu_float32_eager(x) and self.weight.dtype == torch.float32:
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class _GELUTanh(torch.autograd.Function):
+    """F.gelu(x, approximate="tanh") with the forward written as x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3):
+    the same function, since (1 + tanh u) / 2 = sigmoid(2u). Backward is torch's gelu_backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        k = 2 * math.sqrt(2 / math.pi)
+        c = x.new_tensor(k)
+        xf = x.contiguous().view(-1)
+        y = torch.empty_like(xf)
+        # four passes over 1 MB slices, which stay in the L2 cache, not over the whole (N, T, 4D) tensor
+        for xs, ys in zip(xf.split(1 << 18), y.split(1 << 18)):
+            torch.addcmul(c, xs, xs, value=0.044715 * k, out=ys).mul_(xs).sigmoid_().mul_(xs)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+
+
+def gelu_tanh(x):
+    """The official MLP's activation, GELU with the tanh approximation. On the CPU (float32, eager) torch's tanh
+    takes ~3x as long as its sigmoid, so the forward runs in the sigmoid form of _GELUTanh: DiT's training step
+    is ~1% faster for it; outputs agree with F.gelu to ~5e-7 (float32 rounding). Elsewhere it is F.gelu."""
+    return _GELUTanh.apply(x) if _cpu_float32_eager(x) else F.gelu(x, approximate="tanh")
 
 
 class Attention(nn.Module):
@@ -321,7 +356,7 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 # The adaLN elementwise ops as two autograd Functions, written for fewer passes over (N, T, D) activations than
