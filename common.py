@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
 import hashlib
 import io
@@ -87,7 +88,7 @@ def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentPa
         option = flag(f.name)
         type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         help_text = f.metadata.get("help", type_name)
-        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
+        help_text = help_text.replace("%", "%%") + " (default: %(default)r)"  # argparse %-formats help
         if hint is bool or isinstance(default, bool):
             parser.add_argument(option, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
@@ -126,6 +127,75 @@ def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
             value = getattr(obj, name)
             if value is not None and not ok(value):
                 raise ValueError(f"{flag(name)} {want}, got {value}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every command line here: no prefix matching of flags (allow_abbrev=False, so `--ckpt` never
+    silently means `--ckpt-every`), every default shown in --help, and an unknown flag answered with the closest
+    known ones."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            known = [o for action in self._actions for o in action.option_strings]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=2) if arg.startswith("-") else []
+                hints += [f"{arg}: did you mean {' or '.join(close)}?"] if close else []
+            message += " (" + "; ".join(hints) + ")" if hints else ""
+        super().error(message)
+
+
+def dispatch(argv, prog: str, commands: dict, default: str = "train"):
+    """Run the sub-command named by argv[0] (`prog COMMAND [flags]`); with no command name, `default`.
+    commands: {name: (function(argv), one-line help)}. A first word that is no command ends with the closest
+    command names; `prog --help` lists the commands before the default command's flags."""
+    argv = list(argv)
+    if argv and argv[0] in commands:
+        name = argv.pop(0)
+    elif argv and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.5)
+        raise ValueError(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" (commands: {', '.join(commands)}; see {prog} --help)")
+    else:
+        name = default
+        if any(a in ("-h", "--help") for a in argv):
+            width = max(map(len, commands))
+            print(f"usage: {prog} [COMMAND] [flags]   (COMMAND defaults to {default})\ncommands:\n"
+                  + "".join(f"  {n:<{width}}  {text}\n" for n, (_, text) in commands.items())
+                  + f"`{prog} COMMAND --help` lists a command's flags. The flags of {default}:\n")
+    return commands[name][0](argv)
+
+
+def expand_path(path) -> Path:
+    """A path flag as the user meant it: `~` expanded, also inside values the shell does not expand
+    (`--dataset folder:~/pics`, `--out=~/x.png`)."""
+    return Path(os.path.expanduser(str(path)))
+
+
+def checkpoint_file(path) -> Path:
+    """--ckpt / --resume take a run folder or its ckpt.pt: the checkpoint file either way."""
+    path = expand_path(path)
+    return path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+
+
+def run_folder(path) -> Path:
+    """--ckpt / --resume take a run folder or its ckpt.pt: the run folder either way."""
+    path = expand_path(path)
+    return path if path.is_dir() or not path.suffix else path.parent
+
+
+def check_image_path(path, flag_name: str = "--out") -> Path:
+    """Before any work: an output picture path whose extension pillow can write (.png, .jpg, ...)."""
+    path = expand_path(path)
+    Image.init()
+    if path.suffix.lower() not in Image.EXTENSION or path.suffix.lower() in (".pdf", ".eps", ".ps"):
+        raise ValueError(f"{flag_name} {path}: give a picture file name ending in .png (or .jpg, .gif, .webp)")
+    return path
 
 
 def run_cli(main) -> None:
@@ -1053,7 +1123,7 @@ def load_dataset(name: str, root="data", image_size: int = 32, download: bool = 
                                      size=image_size)
         return Dataset(images, labels, len(SHAPES_CLASSES), list(SHAPES_CLASSES))
     if name.startswith("folder:"):
-        return load_image_folder(name[len("folder:"):], image_size)
+        return load_image_folder(expand_path(name[len("folder:"):]), image_size)
     if name == "cifar10":
         data = load_cifar10(root, train=train, download=download)
         if image_size != data.images.shape[-1]:
@@ -1196,33 +1266,39 @@ def _check_plain(obj, where: str = "state") -> None:
                         f"str/int/float/bool/None and tensors, so they load with weights_only=True")
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """Write `state` atomically: torch.save to a temporary file in the same folder, fsync, then
-    os.replace over `path` (atomic on POSIX and Windows). A crash or kill at any moment leaves either
-    the previous checkpoint or the new one, never a torn file. Returns the path."""
-    _check_plain(state)
+def atomic_write(path, write) -> Path:
+    """The one way this project writes a file that must never be seen half-written (checkpoints, replay
+    episodes, indexes, caches): write(f) into a temporary file of the same folder, fsync, then os.replace
+    over `path` (atomic on POSIX and Windows), then fsync the folder so the rename itself is durable. A crash
+    or kill at any moment leaves the old file or the new one, never a torn one. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
     finally:
-        if tmp.exists():  # the save failed before the rename: drop the partial file, keep the old one
+        if tmp.exists():  # the write failed before the rename: drop the partial file, keep the old one
             tmp.unlink()
-    if os.name == "posix":  # make the rename itself durable
+    if os.name == "posix":
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by an earlier save killed mid-write
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by an earlier write killed mid-way
             if not _pid_alive(stale.name.rsplit("-", 1)[1]):
                 stale.unlink(missing_ok=True)
     return path
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write `state` (plain types and tensors only, so it loads with weights_only=True) with atomic_write."""
+    _check_plain(state)
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _pid_alive(pid: str) -> bool:
@@ -1453,11 +1529,8 @@ def shapes_classifier(cache_dir: Optional[str] = None) -> nn.Sequential:
             net = train_shapes_classifier()
         _SHAPES_MEMO[("clf", key)] = net
     net = _SHAPES_MEMO[("clf", key)]
-    if path is not None and not path.exists():  # write a temporary file, then rename: readers never see half a file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, path)
+    if path is not None and not path.exists():
+        atomic_write(path, lambda f: torch.save(net.state_dict(), f))
     return net
 
 

@@ -704,7 +704,7 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
 
 def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
     """Flags default to the chosen preset (or, with --resume, to the run's saved config)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = common.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="cifar10")
     pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -713,7 +713,7 @@ def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
     base = PRESETS[known.preset]
     if known.resume:  # the run's config becomes the default; flags that change the model are refused
         base = config_from_checkpoint(common.load_checkpoint(Path(known.resume) / "ckpt.pt", kind="ddpm"))
-    parser = argparse.ArgumentParser(prog="ddpm.py train", description="Train a DDPM.")
+    parser = common.ArgumentParser(prog="ddpm.py train", description="Train a DDPM.")
     parser.add_argument("--preset", default="cifar10", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--resume", default=None, help="run folder to continue exactly")
     common.add_config_args(parser, base)
@@ -724,7 +724,7 @@ def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
 
 
 def sample_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog)
+    p = common.ArgumentParser(prog=prog)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="ddpm.py checkpoint (RUN/ckpt.pt or RUN)")
     src.add_argument("--from-diffusers", help="google/ddpm-cifar10-32 UNet2DModel weights (.safetensors/.bin)")
@@ -814,15 +814,13 @@ def cmd_evaluate(argv) -> None:
                                        sampler=args.sampler, sampler_steps=args.steps, n=args.n)
 
 
+COMMANDS = {"train": (lambda argv: train(*parse_train_args(argv)), "train a DDPM (the default command)"),
+            "sample": (lambda argv: cmd_sample(argv), "draw a grid of samples from a checkpoint (and an .npz)"),
+            "evaluate": (lambda argv: cmd_evaluate(argv), "score samples: shapes FD, accuracy, precision, recall")}
+
+
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "evaluate") else "train"
-    if cmd == "sample":
-        cmd_sample(argv)
-    elif cmd == "evaluate":
-        cmd_evaluate(argv)
-    else:
-        train(*parse_train_args(argv))
+    common.dispatch(sys.argv[1:] if argv is None else argv, "ddpm.py", COMMANDS)
 
 
 if __name__ == "__main__":

@@ -498,11 +498,11 @@ class ReplayDataset:
             arrays = {k: getattr(ep, k)[:ep.len] for k in Episode.ARRAYS}
             if ep.final_obs is not None:
                 arrays["final_obs"] = ep.final_obs
-            _atomic_write(folder / f"episode_{i:06d}.npz", lambda f: np.savez(f, **arrays))
+            common.atomic_write(folder / f"episode_{i:06d}.npz", lambda f: np.savez(f, **arrays))
             ep.saved = True
         index = {"frame_shape": list(self.frame_shape), "lengths": [ep.len for ep in self.episodes],
                  "finished": [ep.finished for ep in self.episodes]}
-        _atomic_write(folder / "index.json", lambda f: f.write(json.dumps(index).encode()))
+        common.atomic_write(folder / "index.json", lambda f: f.write(json.dumps(index).encode()))
 
     @classmethod
     def load(cls, folder) -> "ReplayDataset":
@@ -521,19 +521,6 @@ class ReplayDataset:
             ds.episodes.append(ep)
         return ds
 
-
-def _atomic_write(path: Path, write) -> None:
-    """write(f) into a temporary file of the same folder, fsync, then os.replace: old or new, never torn."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 # =====================================================================================================
 # world model: denoiser U-Net, EDM denoiser, samplers, reward/end model
@@ -1567,14 +1554,14 @@ def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, de
 def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.ArgumentParser, DiamondConfig]:
     """A parser with one flag per DiamondConfig field whose defaults are those of the chosen --preset
     (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = common.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large", choices=list(PRESETS))
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
     base = DiamondConfig(preset=known.preset)
     if known.resume:  # the run's own config is the default: flags given now change only what they name
         base = DiamondConfig(**common.load_checkpoint(Path(known.resume) / "ckpt.pt", "diamond")["config"])
-    return common.add_config_args(argparse.ArgumentParser(description=description), base), base
+    return common.add_config_args(common.ArgumentParser(description=description), base), base
 
 
 # What a resumed run cannot change: the networks' shapes, and what the checkpoint restores (optimizer state with
@@ -1635,7 +1622,7 @@ def train_command(argv) -> dict:
 def eval_command(argv) -> dict:
     """python diamond.py eval --ckpt RUN/ckpt.pt [--episodes 10] [--gif out.gif] [--compare-random]
     python diamond.py eval --from-official Breakout.pt --game Breakout-v5   (an official agent, large preset)"""
-    p = argparse.ArgumentParser(description="Play the real game with a trained DIAMOND agent.")
+    p = common.ArgumentParser(description="Play the real game with a trained DIAMOND agent.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a checkpoint of this script (RUN_DIR/ckpt.pt)")
     src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent checkpoint")
@@ -1687,7 +1674,7 @@ def eval_command(argv) -> dict:
 
 
 def dream_command(argv) -> dict:
-    p = argparse.ArgumentParser(description="The real game and the world model's dream of it, side by side.")
+    p = common.ArgumentParser(description="The real game and the world model's dream of it, side by side.")
     p.add_argument("--ckpt", required=True, help="RUN_DIR/ckpt.pt")
     p.add_argument("--steps", type=int, default=100, help="imagined steps after the 4 real context frames")
     p.add_argument("--out", default="dream.gif")
@@ -1698,11 +1685,14 @@ def dream_command(argv) -> dict:
     return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
 
 
+COMMANDS = {"train": (lambda argv: train_command(argv), "collect, train the world model and the agent (default)"),
+            "eval": (lambda argv: eval_command(argv), "play the real game with a trained agent"),
+            "dream": (lambda argv: dream_command(argv), "a GIF of the real game beside the world model's dream")}
+
+
 def main(argv=None):
     """python diamond.py [train|eval|dream] [flags]; without a sub-command: train."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "eval", "dream") else "train"
-    return dict(train=train_command, eval=eval_command, dream=dream_command)[command](argv)
+    return common.dispatch(sys.argv[1:] if argv is None else argv, "diamond.py", COMMANDS)
 
 
 if __name__ == "__main__":

@@ -886,7 +886,7 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
 
 def parse_train_args(argv) -> tuple[DiTConfig, Optional[str]]:
     """Flags default to the chosen --preset and --model (or, with --resume, to the run's saved config)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = common.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="cifar10")
     pre.add_argument("--model", default=None)
     pre.add_argument("--resume", default=None)
@@ -895,7 +895,7 @@ def parse_train_args(argv) -> tuple[DiTConfig, Optional[str]]:
         base = config_from_checkpoint(common.load_checkpoint(Path(known.resume) / "ckpt.pt", kind="dit"))
     else:
         base = get_dit_config(PRESET=known.preset, **({"MODEL": known.model} if known.model else {}))
-    parser = argparse.ArgumentParser(prog="dit.py [train]", description="Train a DiT. Every DiTConfig field is a flag.")
+    parser = common.ArgumentParser(prog="dit.py [train]", description="Train a DiT. Every DiTConfig field is a flag.")
     parser.add_argument("--resume", default=None, help="run folder to continue exactly")
     common.add_config_args(parser, base)
     cfg = common.config_from_args(base, parser.parse_args(argv))
@@ -906,7 +906,7 @@ def parse_train_args(argv) -> tuple[DiTConfig, Optional[str]]:
 
 
 def sample_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog)
+    p = common.ArgumentParser(prog=prog)
     p.add_argument("--ckpt", required=True, help="dit.py checkpoint (RUN/ckpt.pt or RUN)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
@@ -1001,15 +1001,13 @@ def cmd_evaluate(argv) -> None:
                                    sampler=args.sampler, sampler_steps=args.steps, guidance=args.guidance, n=args.n)
 
 
+COMMANDS = {"train": (lambda argv: train(*parse_train_args(argv)), "train a DiT (the default command)"),
+            "sample": (lambda argv: cmd_sample(argv), "draw a grid of samples from a checkpoint (and an .npz)"),
+            "evaluate": (lambda argv: cmd_evaluate(argv), "score samples: shapes FD, accuracy, precision, recall")}
+
+
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "evaluate") else "train"
-    if cmd == "sample":
-        cmd_sample(argv)
-    elif cmd == "evaluate":
-        cmd_evaluate(argv)
-    else:
-        train(*parse_train_args(argv))
+    common.dispatch(sys.argv[1:] if argv is None else argv, "dit.py", COMMANDS)
 
 
 if __name__ == "__main__":
