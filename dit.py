@@ -256,87 +256,14 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _cpu_float32_eager(x) -> bool:
-    """Where the CPU kernels below (Linear, gelu_tanh) apply; on a GPU, in float64, under autocast or inside
-    torch.compile the plain torch op is used instead."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward GEMM by oneDNN; backward as nn.Linear's, by torch's BLAS (oneDNN measured
-    slower there: its input and weight gradients read transposed operands)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])                            # (M, out)
-        gx = g @ weight if ctx.needs_input_grad[0] else None
-        gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict keys) whose float32 CPU forward runs oneDNN's GEMM. torch sends a
-    float32 CPU Linear to MKL's sgemm, which on this project's AMD CPU takes ~15% longer than oneDNN at transformer
-    shapes (B*T = 2048 rows, 384 to 1536 features in and out): DiT's training step is ~3% faster for it. Same
-    math, float32 sums in another order (outputs agree with F.linear to ~1e-6). Elsewhere (GPU, float64, autocast,
-    torch.compile, a torch built without oneDNN) it is F.linear."""
-
-    def forward(self, x):
-        if _HAS_ONEDNN_LINEAR and _cpu_float32_eager(x) and self.weight.dtype == torch.float32:
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-class _GELUTanh(torch.autograd.Function):
-    """F.gelu(x, approximate="tanh") with the forward written as x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3):
-    the same function, since (1 + tanh u) / 2 = sigmoid(2u). Backward is torch's gelu_backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        k = 2 * math.sqrt(2 / math.pi)
-        c = x.new_tensor(k)
-        xf = x.contiguous().view(-1)
-        y = torch.empty_like(xf)
-        # four passes over 1 MB slices, which stay in the L2 cache, not over the whole (N, T, 4D) tensor
-        for xs, ys in zip(xf.split(1 << 18), y.split(1 << 18)):
-            torch.addcmul(c, xs, xs, value=0.044715 * k, out=ys).mul_(xs).sigmoid_().mul_(xs)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
-
-
-def gelu_tanh(x):
-    """The official MLP's activation, GELU with the tanh approximation. On the CPU (float32, eager) torch's tanh
-    takes ~3x as long as its sigmoid, so the forward runs in the sigmoid form of _GELUTanh: DiT's training step
-    is ~1% faster for it; outputs agree with F.gelu to ~5e-7 (float32 rounding). Elsewhere it is F.gelu."""
-    return _GELUTanh.apply(x) if _cpu_float32_eager(x) else F.gelu(x, approximate="tanh")
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention (timm layout: one fused qkv Linear, then proj). (N, T, D) -> (N, T, D).
-    The token-wise Linears here and in Mlp are Linear (above): nn.Linear with a faster forward GEMM on the CPU."""
+    """Multi-head self-attention (timm layout: one fused qkv Linear, then proj). (N, T, D) -> (N, T, D)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(dim, 3 * dim)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         N, T, D = x.shape
@@ -352,46 +279,16 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-# The adaLN elementwise ops as two autograd Functions, written for fewer passes over (N, T, D) activations than
-# autograd's generic x * (1 + scale) + shift (2 forward + 4 backward passes) and x + gate * y (2 + 3): each is
-# one addcmul forward, and backward computes only what is needed (4 and 2 passes). Same math as official.
-
-
-class Modulate(torch.autograd.Function):
-    """modulate(x, shift, scale) = x (1 + scale) + shift; x (N, T, D), shift and scale (N, 1, D)."""
-
-    @staticmethod
-    def forward(ctx, x, shift, scale):
-        scale1 = 1 + scale
-        ctx.save_for_backward(x, scale1)
-        return torch.addcmul(shift, x, scale1)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, scale1 = ctx.saved_tensors
-        return g * scale1, g.sum(1, keepdim=True), (g * x).sum(1, keepdim=True)
-
-
-class GatedAdd(torch.autograd.Function):
-    """gated_add(x, gate, y) = x + gate * y; x, y (N, T, D), gate (N, 1, D) or (D,)."""
-
-    @staticmethod
-    def forward(ctx, x, gate, y):
-        ctx.save_for_backward(gate, y)
-        return torch.addcmul(x, gate, y)
-
-    @staticmethod
-    def backward(ctx, g):
-        gate, y = ctx.saved_tensors
-        g_gate = (g * y).sum(1, keepdim=True) if gate.ndim == 3 else (g * y).sum((0, 1))
-        return g, g_gate, g * gate
+def modulate(x, shift, scale):
+    """adaLN: x (N, T, D) scaled and shifted per sample and channel, shift and scale (N, 1, D)."""
+    return x * (1 + scale) + shift
 
 
 # Modulation rows produced per block: adaLN-Zero (beta1, gamma1, alpha1, beta2, gamma2, alpha2); adaLN and
@@ -431,10 +328,10 @@ class DiTBlock(nn.Module):
         else:
             shift1, scale1, shift2, scale2 = mod.unbind(2)
             gate1, gate2 = self.layer_scale.unbind(0) if self.adaln == "adaln-diagonal" else (None, None)
-        branch = self.attn(Modulate.apply(self.norm1(x), shift1, scale1))
-        x = x + branch if gate1 is None else GatedAdd.apply(x, gate1, branch)
-        branch = self.mlp(Modulate.apply(self.norm2(x), shift2, scale2))
-        return x + branch if gate2 is None else GatedAdd.apply(x, gate2, branch)
+        branch = self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + branch if gate1 is None else x + gate1 * branch
+        branch = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + branch if gate2 is None else x + gate2 * branch
 
 
 class FinalLayer(nn.Module):
@@ -455,7 +352,7 @@ class FinalLayer(nn.Module):
             shift, scale = (self.scale_shift_table + c[:, None]).unsqueeze(1).unbind(2)   # (N, 1, D) each
         else:
             shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
-        return self.linear(Modulate.apply(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 # =====================================================================================================

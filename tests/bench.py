@@ -49,13 +49,6 @@ def timeit(fn, warmup=1, min_time=4.0, min_iters=3):
     return (time.perf_counter() - t0) / n
 
 
-if dit._HAS_ONEDNN_LINEAR:
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
-        """dit.Linear's CPU forward GEMM, which FlopCounterMode does not know: 2 M K N, as its addmm."""
-        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
-
-
 def forward_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -251,7 +244,7 @@ def perturb_(model, std=0.02):
 def official_dit_forward(m, x, t, y, train: bool):
     """DiT forward in the op order of the official models.py and the timm PatchEmbed / Attention / Mlp it uses,
     run on the parameters of our DiT `m` (same names). Label dropout happens here, as in the official forward.
-    Its Linears are nn.Linear's F.linear (torch's BLAS), not our dit.Linear (oneDNN's forward GEMM on the CPU)."""
+    """
     def linear(layer, h):
         return torch.nn.functional.linear(h, layer.weight, layer.bias)
 

@@ -96,65 +96,6 @@ def test_timestep_embedding_matches_official_formula():
     assert np.abs(emb.numpy() - ref).max() < 1e-3  # float32 sinusoid (as official) vs float64
 
 
-def test_inplace_ops_give_the_same_gradients():
-    # ResBlock uses in-place dropout and adds: compare with an out-of-place composition of the same layers.
-    torch.manual_seed(0)
-    blk = ddpm.ResBlock(8, 16, 32, dropout=0.3, groups=4).train()
-    torch.nn.init.normal_(blk.conv2.weight, std=0.1)
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
-    e = torch.randn(2, 32)
-
-    def ref(x):
-        h = blk.conv1(F.silu(blk.norm1(x))) + blk.time_emb_proj(e)[:, :, None, None]
-        h = F.silu(blk.norm2(h))
-        h = blk.conv2(h * (torch.rand_like(h) >= 0.3) / 0.7)
-        return blk.conv_shortcut(x) + h
-
-    torch.manual_seed(1)
-    a = blk(x, e)
-    ga = torch.autograd.grad(a.square().sum(), [x, blk.conv1.weight])
-    torch.manual_seed(1)
-    b = ref(x)
-    gb = torch.autograd.grad(b.square().sum(), [x, blk.conv1.weight])
-    assert torch.allclose(a, b, atol=1e-6)
-    for u, v in zip(ga, gb):
-        assert torch.allclose(u, v, atol=1e-5)
-
-
-def test_dropout_has_the_distribution_of_f_dropout():
-    # dropout_ draws its own mask: check what F.dropout guarantees, zeros at rate p and survivors scaled by 1/(1-p).
-    torch.manual_seed(0)
-    h = torch.rand(1_000_000) + 0.5
-    out = ddpm.dropout_(h.clone(), 0.1)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 7 sigma of a binomial(1e6, 0.9) rate
-    assert torch.allclose(out[kept], h[kept] / (1 - 0.1), rtol=1e-6, atol=0)
-    assert abs(out.mean().item() / h.mean().item() - 1) < 0.002
-    kept_bf16 = ddpm.dropout_(torch.ones(4_000_000, dtype=torch.bfloat16), 0.1) != 0  # a bf16 draw keeps 0.8986
-    assert abs(kept_bf16.float().mean().item() - 0.9) < 0.001  # 6.7 sigma
-    m1, m2 = ddpm.dropout_(torch.ones(1000), 0.5), ddpm.dropout_(torch.ones(1000), 0.5)
-    assert not torch.equal(m1, m2)  # a fresh mask per call
-    blk = ddpm.ResBlock(4, 4, 8, dropout=0.5, groups=2).eval()
-    x, e = torch.randn(2, 4, 5, 5), torch.randn(2, 8)
-    assert torch.equal(blk(x, e), blk(x, e))  # no dropout in eval mode
-
-
-@pytest.mark.parametrize("size", [(1, 1), (4, 4), (16, 10)])
-def test_upsample_is_nearest_then_conv(size):
-    # The folded transposed conv must compute the official layer (nearest x2, 3x3 conv), values and all three
-    # gradients, borders included.
-    torch.manual_seed(0)
-    up = ddpm.Upsample(6).double()
-    torch.nn.init.normal_(up.conv.bias)
-    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
-    out, ref = up(x), up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert out.shape == ref.shape == (2, 6, 2 * size[0], 2 * size[1])
-    g = torch.randn_like(ref)
-    params = [x, up.conv.weight, up.conv.bias]
-    for u, v in zip([out, *torch.autograd.grad(out, params, g)], [ref, *torch.autograd.grad(ref, params, g)]):
-        assert torch.allclose(u, v, rtol=0, atol=1e-12), (u - v).abs().max()
-
-
 # -----------------------------------------------------------------------------------------------------
 # diffusers UNet2DModel (google/ddpm-cifar10-32) conversion, without diffusers
 # -----------------------------------------------------------------------------------------------------

@@ -116,43 +116,6 @@ def test_fresh_adaln_zero_outputs_exactly_zero_and_blocks_are_identity():
         assert torch.equal(block(h, c), h)  # zero shift, scale and gate: h + 0 * branch
 
 
-def test_fused_adaln_ops_have_exact_gradients():
-    """Modulate / GatedAdd (the speed-ups) against autograd of the plain formulas, and gradcheck, in float64."""
-    g = torch.Generator().manual_seed(0)
-    x, y = (torch.randn(2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
-    shift, scale, gate = (torch.randn(2, 1, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
-    diag = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(dit.Modulate.apply, (x, shift, scale))
-    assert torch.autograd.gradcheck(dit.GatedAdd.apply, (x, gate, y))
-    assert torch.autograd.gradcheck(dit.GatedAdd.apply, (x, diag, y))
-    for block_variant in dit.ADALN_VARIANTS:  # a whole block vs the unfused official formulas
-        torch.manual_seed(1)
-        block = dit.DiTBlock(8, 2, adaln=block_variant).double()
-        for p in block.parameters():
-            torch.nn.init.normal_(p, std=0.3)
-        h = torch.randn(2, 5, 8, dtype=torch.float64)
-        c = torch.randn(2, 48 if block_variant == "adaln-single" else 8, dtype=torch.float64)
-
-        def plain(h):
-            mod = (c.view(2, 6, 8) + block.scale_shift_table if block_variant == "adaln-single"
-                   else block.adaLN_modulation(c).view(2, -1, 8))
-            rows = list(mod.unsqueeze(1).unbind(2))
-            if block_variant in ("adaln", "adaln-diagonal"):
-                g1, g2 = block.layer_scale if block_variant == "adaln-diagonal" else (1.0, 1.0)
-                rows = rows[:2] + [g1] + rows[2:] + [g2]
-            s1, sc1, g1, s2, sc2, g2 = rows
-            h = h + g1 * block.attn(block.norm1(h) * (1 + sc1) + s1)
-            return h + g2 * block.mlp(block.norm2(h) * (1 + sc2) + s2)
-
-        grads = []
-        for fn in (lambda h: block(h, c), plain):
-            block.zero_grad()
-            fn(h).square().sum().backward()
-            grads.append([p.grad.clone() for p in block.parameters()])
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), block_variant
-
-
 def test_adaln_single_has_far_fewer_params():
     counts = {}
     with torch.device("meta"):
@@ -355,49 +318,3 @@ def test_foreign_or_missing_checkpoint_is_refused(in_tmp):
         dit.load_model(in_tmp / "ddpm.pt")
     with pytest.raises(common.CheckpointError, match="no checkpoint file"):
         dit.main(["sample", "--ckpt", str(in_tmp / "nothing.pt"), "--out", str(in_tmp / "x.png")])
-
-
-def test_linear_matches_nn_linear_through_onednn():
-    """dit.Linear: nn.Linear's parameters and keys; its float32 CPU forward goes through oneDNN (the path is
-    checked, not assumed) and agrees with F.linear in outputs and all three gradients; float64 is F.linear."""
-    torch.manual_seed(0)
-    assert dit._HAS_ONEDNN_LINEAR  # torch's CPU and CUDA wheels are built with oneDNN
-    for bias in (True, False):
-        ref = torch.nn.Linear(24, 40, bias=bias)
-        lin = dit.Linear(24, 40, bias=bias)
-        lin.load_state_dict(ref.state_dict(), strict=True)
-        for shape in [(5, 24), (3, 7, 24)]:
-            x = torch.randn(shape)
-            g = torch.randn(*shape[:-1], 40)
-            x_ref, x_lin = x.clone().requires_grad_(), x.clone().requires_grad_()
-            y_ref, y_lin = ref(x_ref), lin(x_lin)
-            assert type(y_lin.grad_fn).__name__ == "_OneDNNLinearBackward"
-            torch.testing.assert_close(y_lin, y_ref, rtol=1e-5, atol=1e-5)
-            y_ref.backward(g), y_lin.backward(g)
-            torch.testing.assert_close(x_lin.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-            for p_lin, p_ref in zip(lin.parameters(), ref.parameters()):
-                torch.testing.assert_close(p_lin.grad, p_ref.grad, rtol=1e-5, atol=1e-5)
-            lin.zero_grad(), ref.zero_grad()
-        with torch.no_grad():  # an input that needs no gradient, and inference
-            assert torch.allclose(lin(x), ref(x), atol=1e-5)
-    lin64, x64 = dit.Linear(24, 40).double(), torch.randn(3, 24, dtype=torch.float64)
-    assert torch.equal(lin64(x64), torch.nn.functional.linear(x64, lin64.weight, lin64.bias))
-
-
-def test_gelu_tanh_matches_torch_gelu():
-    """dit.gelu_tanh: the official tanh GELU. Its float32 CPU forward (the sigmoid form, in 1 MB slices; the path
-    is checked, not assumed) agrees with F.gelu to float32 rounding over several slices and a ragged tail, also
-    for a non-contiguous input and far out in both tails; its gradient is torch's own; float64 is F.gelu."""
-    torch.manual_seed(0)
-    ref = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
-    x = torch.cat([torch.linspace(-30, 30, 6001), 4 * torch.randn(3 * (1 << 18) + 5)]).view(-1, 6).t()
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ours, y_ref = dit.gelu_tanh(x_ours), ref(x_ref)
-    assert not x.is_contiguous() and type(y_ours.grad_fn).__name__ == "_GELUTanhBackward"
-    assert y_ours.shape == x.shape
-    torch.testing.assert_close(y_ours, y_ref, rtol=2e-6, atol=1e-6)
-    g = torch.randn_like(x)
-    y_ours.backward(g), y_ref.backward(g)
-    assert torch.equal(x_ours.grad, x_ref.grad)
-    x64 = x.double()
-    assert torch.equal(dit.gelu_tanh(x64), ref(x64))
