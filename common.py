@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # =====================================================================================================
 # 1. config <-> command line
@@ -326,8 +326,8 @@ def pred_to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, pre
       eps: x0 = (x_t - b eps) / a;  x0: eps = (x_t - a x0) / b;  v = a eps - b x0 (Salimans & Ho 2022):
       x0 = a x_t - b v, eps = b x_t + a v.  All three are affine in `out` for fixed (x_t, t), so guidance mixes
     predictions of any kind in the same way."""
-    a = append_dims(abar.sqrt(), x_t.dim()).to(x_t.dtype)
-    b = append_dims((1 - abar).sqrt(), x_t.dim()).to(x_t.dtype)
+    a = append_dims(abar.sqrt(), x_t.dim()).to(x_t.device, x_t.dtype)
+    b = append_dims((1 - abar).sqrt(), x_t.dim()).to(x_t.device, x_t.dtype)
     if pred == "eps":
         return (x_t - b * out) / a, out
     if pred == "x0":
@@ -369,11 +369,11 @@ class Denoiser:
 
     def __init__(self, net, alphas_cumprod: torch.Tensor, *, pred: str = "eps", y: Optional[torch.Tensor] = None,
                  y_null: Optional[torch.Tensor] = None, guidance: float = 0.0, learned_sigma: bool = False,
-                 quantize_t: bool = False, clip_denoised: bool = False):
+                 quantize_t: bool = False, clip: bool = False):
         if pred not in PREDICTIONS:
             raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
         self.net, self.pred, self.learned_sigma, self.quantize_t = net, pred, learned_sigma, quantize_t
-        self.clip_denoised = clip_denoised  # VE view: clamp D(x; sigma) to the data range [-1, 1]
+        self.clip = clip  # VE view: clamp D(x; sigma) to the data range [-1, 1]
         self.y, self.y_null, self.guidance = y, y_null, guidance
         # schedule math runs on the CPU in float64 (a 1000-entry table; MPS has no float64); only x lives on device
         self.alphas_cumprod = alphas_cumprod.detach().cpu().to(torch.float64)
@@ -399,7 +399,7 @@ class Denoiser:
         t = sigma_to_t(sigma, self.alphas_cumprod, self.quantize_t)
         scale = append_dims(abar.sqrt().to(x.dtype), x.dim()).to(x.device)   # x_t = x / sqrt(1 + sigma^2)
         x0, _, _ = self.predict(x * scale, t, abar)
-        return x0.clamp(-1, 1) if self.clip_denoised else x0
+        return x0.clamp(-1, 1) if self.clip else x0
 
 
 def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -422,8 +422,8 @@ def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance: str = "small",
-                clip_denoised: bool = True, generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance: str = "large", clip: bool = False,
+                generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
     """Ancestral sampling (DDPM Alg. 2, in the posterior-mean form of the official code) from x = x_T (B, C, H, W)
     over the descending timesteps `ts` (all T for the paper; a subsequence is improved-DDPM respacing, with betas
     recomputed from the kept alpha-bars). Per step, with a = alpha-bar here and a' at the next kept step (1 after
@@ -432,11 +432,11 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
       x <- mean + sigma z,  no noise on the last step (t = 0), z drawn from `generator` in step order.
     variance: "small" sigma^2 = beta~ | "large" sigma^2 = beta | "learned": the net's extra channels v in [-1, 1]
     interpolate log sigma^2 = (v+1)/2 log beta + (1-v)/2 log beta~ (Nichol & Dhariwal 2021 eq. 15).
-    clip_denoised clamps x0 to [-1, 1] each step (official DDPM code; DiT turns it off)."""
+    clip clamps x0 to [-1, 1] each step (the official DDPM code does; DiT's does not)."""
     if variance not in ("small", "large", "learned"):
         raise ValueError(f"--variance {variance!r}: use 'small', 'large' or 'learned'")
-    if (variance == "learned") != model.learned_sigma:
-        raise ValueError("variance='learned' needs a net with learned_sigma (2C output channels), and vice versa")
+    if variance == "learned" and not model.learned_sigma:
+        raise ValueError("variance='learned' needs a net with learned_sigma (2C output channels)")
     abar = model.alphas_cumprod[ts.cpu()]                                   # (N,) float64, CPU
     abar_next = torch.cat([abar[1:], abar.new_ones(1)])
     beta = 1 - abar / abar_next
@@ -445,7 +445,7 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
     c_xt = (1 - abar_next) * (1 - beta).sqrt() / (1 - abar)
     for i, t in enumerate(ts.tolist()):
         x0, eps, v = model.predict(x, torch.tensor(float(t)), abar[i])
-        if clip_denoised:
+        if clip:
             x0 = x0.clamp(-1, 1)
         x = c_x0[i].item() * x0 + c_xt[i].item() * x
         if i < len(ts) - 1:
@@ -461,7 +461,7 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
 
 
 @torch.no_grad()
-def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: float = 0.0, clip_denoised: bool = False,
+def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: float = 0.0, clip: bool = False,
                 generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) from x = x_T over the descending timesteps `ts`; a' = alpha-bar of the next
     listed step (1 after the last, i.e. the output is the clean sample):
@@ -473,7 +473,7 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: floa
     abar_next = torch.cat([abar[1:], abar.new_ones(1)])
     for i, t in enumerate(ts.tolist()):
         x0, eps, _ = model.predict(x, torch.tensor(float(t)), abar[i])
-        if clip_denoised:
+        if clip:
             x0 = x0.clamp(-1, 1)
         a, a_next = abar[i].item(), abar_next[i].item()
         s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
@@ -568,38 +568,36 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, callback=
 @torch.no_grad()
 def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
            pred: str = "eps", y: Optional[torch.Tensor] = None, y_null: Optional[torch.Tensor] = None,
-           guidance: float = 0.0, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+           guidance: float = 0.0, eta: float = 0.0, clip: bool = False, generator: Optional[torch.Generator] = None,
            learned_sigma: bool = False, **options):
     """Draw samples from a network trained on the discrete VP process with table `alphas_cumprod` (T,).
     net(x_t, t, y): x_t (B, C, H, W), t (B,) float timesteps in [0, T-1] (fractional for euler/heun), y (B,) long or
     None -> (B, C, H, W) prediction of `pred`, or (B, 2C, H, W) when learned_sigma. noise: x_T ~ N(0, I)
     (B, C, H, W); every sampler starts from it (euler/heun at x = sigma_max * noise as EDM and k-diffusion, dpmpp
     at the exact VP -> VE image sqrt(1 + sigma_max^2) * noise), so one seed gives similar images across samplers.
-    guidance w: eps = (1+w) eps(x, y) - w eps(x, y_null); a callback(i, x) option sees x after each step.
+    guidance w: eps = (1+w) eps(x, y) - w eps(x, y_null). clip clamps every predicted x0 to [-1, 1]: for an
+    under-trained pixel model (whose x0 at high noise overshoots) it can matter more than the sampler; with strong
+    guidance it can hurt (it also clips the push). A callback(i, x) option sees x after each step.
     Returns (x0 clamped to [-1, 1], nfe); nfe counts network calls, a guided call (batched 2B) counting 1.
     sampler and its options (unknown options raise TypeError):
-      "ddpm"  steps (respaced when < T; spacing "linspace"), variance "small" | "large" (| "learned", the default
-              with learned_sigma), clip_denoised (True)
-      "ddim"  steps, eta, spacing "leading" | "trailing" | "linspace" (default "leading"), clip_denoised (False)
+      "ddpm"  steps (respaced when < T; spacing "linspace"), variance "large" (beta, the default) | "small"
+              (beta_tilde) | "learned" (the default with learned_sigma)
+      "ddim"  steps, eta, spacing "leading" | "trailing" | "linspace" (default "leading")
       "euler", "heun"  Karras sigmas: rho (7), sigma_min / sigma_max (default: the table's sigma at t = 0 and T-1),
-              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers; clip_denoised (False)
-      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0;
-              clip_denoised (False)
-    clip_denoised clamps every predicted x0 to [-1, 1]: for an under-trained pixel model (whose x0 at high noise
-    overshoots) it can matter more than the sampler; with strong guidance it can hurt (it also clips the push)."""
+              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers
+      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0"""
     check_sampler_options(sampler, eta, options.get("variance"))
     T = len(alphas_cumprod)
     ve = sampler in ("euler", "heun", "dpmpp")  # these see the net through Denoiser.__call__, which clips
     model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance,
-                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False),
-                     clip_denoised=options.pop("clip_denoised", False) if ve else False)
+                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False), clip=clip and ve)
     if sampler == "ddpm":
         ts = timesteps(T, steps, options.pop("spacing", "linspace"))
-        options.setdefault("variance", "learned" if learned_sigma else "small")
-        x = sample_ddpm(model, noise, ts, generator=generator, **options)
+        options.setdefault("variance", "learned" if learned_sigma else "large")
+        x = sample_ddpm(model, noise, ts, clip=clip, generator=generator, **options)
     elif sampler == "ddim":
         ts = timesteps(T, steps, options.pop("spacing", "leading"))
-        x = sample_ddim(model, noise, ts, eta=eta, generator=generator, **options)
+        x = sample_ddim(model, noise, ts, eta=eta, clip=clip, generator=generator, **options)
     elif sampler in ("euler", "heun"):
         sigma_min = options.pop("sigma_min", None) or model.sigma_min
         sigma_max = options.pop("sigma_max", None) or model.sigma_max
@@ -624,16 +622,6 @@ def check_sampler_options(sampler: str, eta: float = 0.0, variance: Optional[str
         raise ValueError(f"--eta only applies to --sampler ddim (got --sampler {sampler})")
     if variance is not None and sampler != "ddpm":
         raise ValueError(f"--variance only applies to --sampler ddpm (got --sampler {sampler})")
-
-
-def sampler_kwargs(args) -> dict:
-    """The sampler flags of a sample/evaluate command line (args.sampler, .eta, .variance, .clip; None = the
-    sampler's default) as keywords of `sample`. A flag that does not apply to the chosen sampler is an error,
-    not silently ignored."""
-    check_sampler_options(args.sampler, args.eta, args.variance)
-    opts = {"eta": args.eta} if args.sampler == "ddim" else {}
-    opts.update({"variance": args.variance} if args.variance is not None else {})
-    return {**opts, **({"clip_denoised": args.clip} if args.clip is not None else {})}
 
 
 # =====================================================================================================
@@ -1184,26 +1172,43 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2) -> Path:
-    """Write a PNG grid of images (N, C, H, W), float in [-1, 1] or uint8, C = 1 or 3; nrow images per
-    row (default: ceil(sqrt(N))), `pad` black pixels between them. Returns the path."""
+def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2, labels=None, class_names=None,
+                    scale: int = 1) -> Path:
+    """Write a PNG grid of images (N, C, H, W), float in [-1, 1] or uint8, C = 1 or 3, each enlarged `scale`
+    times by pixel repetition (a 16 px shape is hard to see at 16 px). Without labels: nrow images per row
+    (default ceil(sqrt(N))). With labels (N,): one block of rows per class, in the order they first appear,
+    named on the left by class_names[label] (or the number); each class is one row whenever the largest class
+    has at most ceil(sqrt(N)) images. Returns the path."""
     images = torch.as_tensor(images).detach().cpu()
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_image_grid expects (N, 1|3, H, W) images, got {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
+    images = images if images.dtype == torch.uint8 else to_uint8(images)
+    images = images.expand(-1, 3, -1, -1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     n, _, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    ncol = math.ceil(n / nrow)
-    grid = torch.zeros(3, ncol * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[:, top:top + h, left:left + w] = images[i]
+    if labels is None:
+        nrow = nrow or math.ceil(math.sqrt(n))
+        rows = [(None, list(range(i, min(i + nrow, n)))) for i in range(0, n, nrow)]
+    else:
+        labels = [int(v) for v in labels]
+        groups = {c: [i for i in range(n) if labels[i] == c] for c in dict.fromkeys(labels)}
+        biggest = max(map(len, groups.values()))
+        nrow = biggest if biggest <= math.ceil(math.sqrt(n)) else math.ceil(math.sqrt(n))
+        rows = [(str(class_names[c]) if class_names else str(c)) if j == 0 else "" for c in groups
+                for j in range(0, len(groups[c]), nrow)]
+        rows = list(zip(rows, [g[j:j + nrow] for g in groups.values() for j in range(0, len(g), nrow)]))
+    names = [name for name, _ in rows if name]
+    strip = int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n) for n in names)) + 6 if names else 0
+    grid = Image.new("RGB", (strip + nrow * (w + pad) + pad, len(rows) * (h + pad) + pad))
+    draw = ImageDraw.Draw(grid)
+    for r, (name, idx) in enumerate(rows):
+        top = pad + r * (h + pad)
+        if name:
+            draw.text((4, top + h // 2), name, fill=(230, 230, 230), anchor="lm")
+        for c, i in enumerate(idx):
+            grid.paste(Image.fromarray(images[i].permute(1, 2, 0).numpy()), (strip + pad + c * (w + pad), top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    grid.save(path)
     return path
 
 
@@ -1640,3 +1645,360 @@ def format_metrics_table(rows: list) -> str:
     table = [columns, ["---"] * len(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     return "\n".join("| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |" for r in table)
+
+
+# =====================================================================================================
+# 10. diffusion runs: the training loss, run folders, sampling and evaluation commands of ddpm.py and dit.py
+# =====================================================================================================
+
+# Both scripts train a network net(x_t, t, y) on the discrete VP process and share what surrounds it. Their
+# configs use the same field names for the same things (dataset, img_size, seed, steps, batch_size,
+# label_dropout, schedule, timesteps, beta_start, beta_end, pred, sample_*, eval_*), which the code below reads.
+
+SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings = the sample command's defaults
+
+
+def check_run_config(cfg, guidance_ok: bool) -> None:
+    """The checks of the fields ddpm.py and dit.py share (a ValueError naming the flag, before any work);
+    guidance_ok: the model is trained with a null label, so its grids may use --sample-guidance."""
+    if not (cfg.dataset in ("cifar10", "shapes") or cfg.dataset.startswith("folder:")):
+        raise ValueError(f"--dataset {cfg.dataset!r} is unknown; use cifar10, shapes or folder:PATH")
+    check_ranges(cfg, positive=("img_size", "timesteps", "batch_size", "lr", "log_every", "ckpt_every", "sample_n",
+                                "sample_steps", "eval_n"), non_negative=("sample_every", "eval_every"),
+                 unit=("ema_decay",), rate=("label_dropout",))
+    if cfg.schedule not in ("linear", "cosine"):
+        raise ValueError(f"--schedule {cfg.schedule!r}: use linear or cosine")
+    if cfg.schedule == "linear":
+        check_linear_betas(cfg.beta_start, cfg.beta_end)
+    if cfg.pred not in PREDICTIONS:
+        raise ValueError(f"--pred {cfg.pred!r}: use one of {', '.join(PREDICTIONS)}")
+    if cfg.sample_sampler not in SAMPLERS:
+        raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if cfg.sample_guidance and not guidance_ok:
+        raise ValueError(f"--sample-guidance {cfg.sample_guidance} needs the null label of a class-conditional model "
+                         "trained with --label-dropout > 0; add --sample-guidance 0")
+    if cfg.eval_every:
+        check_evaluable(cfg.dataset, cfg.img_size, cfg.eval_n, "--eval-every", "--eval-n")
+
+
+def parse_train_args(argv, prog: str, description: str, base_config, check, presets: dict):
+    """The train command line: one flag per config field, defaulting to base_config(pre-read flags) (the --preset's
+    values, or with --resume the run's saved config, so flags given now change only what they name). --epochs
+    given without --steps decides the length (a preset's step count would silently win otherwise)."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--resume")
+    pre.add_argument("--model")
+    known, _ = pre.parse_known_args(argv)
+    base = base_config(known)
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--resume", help="a run to continue exactly: its folder or RUN/ckpt.pt")
+    if "preset" not in {f.name for f in dataclasses.fields(base)}:
+        parser.add_argument("--preset", default="cifar10", help=f"base values: {' | '.join(presets)}")
+    add_config_args(parser, base)
+    cfg = config_from_args(base, parser.parse_args(argv))
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--epochs" in given and "--steps" in given:
+        raise ValueError("give --steps or --epochs, not both")
+    if "--epochs" in given:
+        cfg = dataclasses.replace(cfg, steps=0)
+    if cfg.dataset.lower() in ("cifar10", "shapes"):  # folder paths keep their case
+        cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower())
+    check(cfg)
+    return cfg, known.resume
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """The randomness of one training step (t, noise, label dropout; dropout through the re-seeded global RNG) is a
+    pure function of (seed, step, rank), like the data order of get_batch: a resumed run repeats an uninterrupted
+    one exactly, and every DDP rank draws its own noise."""
+    key = _seed_of(seed, 2, step, rank)
+    torch.manual_seed(key)
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                   null_label: Optional[int] = None, label_dropout: float = 0.0, pred: str = "eps",
+                   generator: Optional[torch.Generator] = None):
+    """L_simple (Ho et al. 2020, eq. 14) per sample: t ~ U{0..T-1}, eps ~ N(0, I),
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, and the mean over pixels of (target - out)^2 with out the first C
+    channels of net(x_t, t, y) and target eps, x0 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022).
+    Label dropout: y -> null_label with probability label_dropout, training the unconditional model of CFG.
+    x0 (B, C, H, W). Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
+    B, C = x0.shape[:2]
+    t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    if y is not None and label_dropout > 0:
+        drop = torch.rand(B, device=x0.device, generator=generator) < label_dropout
+        y = torch.where(drop, torch.full_like(y, null_label), y)
+    # gathered from float64 tables, then cast (as the official code); t.cpu() because MPS has no float64
+    abar = alphas_cumprod.cpu()[t.cpu()]
+    a, s = (append_dims(v.to(x0.device, x0.dtype), 4) for v in (abar.sqrt(), (1 - abar).sqrt()))
+    x_t = a * x0 + s * eps
+    out = net(x_t, t, y).float()
+    target = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[pred]
+    return (target - out[:, :C]).square().mean(dim=(1, 2, 3)), out, x_t, t
+
+
+@dataclasses.dataclass
+class DiffusionNet:
+    """A trained network as sampling and evaluation see it (each script builds one from its model and config)."""
+    net: nn.Module                   # net(x_t (B, C, H, W), t (B,), y (B,) or None) -> (B, C or 2C, H, W)
+    alphas_cumprod: torch.Tensor     # (T,) float64 table of its training schedule
+    img_size: int
+    pred: str = "eps"                # what the first C output channels predict: eps | x0 | v
+    learned_sigma: bool = False      # C more output channels: the improved-DDPM variance interpolation
+    num_classes: int = 0             # 0: unconditional
+    null_label: Optional[int] = None  # the "no class" label of classifier-free guidance, if trained with one
+    class_names: Optional[list] = None
+    defaults: dict = dataclasses.field(default_factory=dict)  # the run's grid settings (SAMPLE_SETTINGS)
+    in_channels: int = 3
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def balanced_labels(n: int, num_classes: int, cls: Optional[int] = None) -> Optional[torch.Tensor]:
+    """(n,) labels sorted by class, each class n // K or n // K + 1 times (the first classes get the extra ones);
+    all `cls` when given; None for an unconditional model."""
+    if not num_classes:
+        return None
+    return torch.full((n,), cls) if cls is not None else torch.arange(n) * num_classes // n
+
+
+def settings_of(model: DiffusionNet, **given) -> dict:
+    """The sampler settings to use: each given value, or (None) the run's own from model.defaults."""
+    return {k: given.get(k) if given.get(k) is not None else model.defaults.get(k) for k in SAMPLE_SETTINGS}
+
+
+@torch.no_grad()
+def sample_images(model: DiffusionNet, n: int, labels: Optional[torch.Tensor] = None, *, sampler=None, steps=None,
+                  guidance=None, clip=None, eta: float = 0.0, variance: Optional[str] = None,
+                  generator: Optional[torch.Generator] = None, batch_size: int = 256):
+    """n images (n, C, H, W) in [-1, 1] on the CPU, their labels (balanced_labels by default; None when
+    unconditional) and the network calls. Settings left at None are the run's own (model.defaults), so Python,
+    the sample command and the evaluate command draw the same pictures by default."""
+    opts = settings_of(model, sampler=sampler, steps=steps, guidance=guidance, clip=clip)
+    if opts["guidance"] and model.null_label is None:
+        raise ValueError("--guidance needs a class-conditional model trained with label dropout (a null label)")
+    labels = balanced_labels(n, model.num_classes) if labels is None and model.num_classes else labels
+    if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
+        raise ValueError(f"--class must be in 0..{model.num_classes - 1}, got {labels.unique().tolist()}")
+    extra = {"variance": variance} if variance is not None else {}
+    extra.update(eta=eta) if opts["sampler"] == "ddim" else None
+    was_training = model.net.training
+    model.net.eval()
+    xs, nfe, device = [], 0, model.device
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        noise = torch.randn((m, model.in_channels, model.img_size, model.img_size), generator=generator,
+                            device=device)
+        y = labels[i:i + m].to(device) if labels is not None else None
+        y_null = torch.full_like(y, model.null_label) if y is not None and model.null_label is not None else None
+        x, k = sample(model.net, noise, model.alphas_cumprod, sampler=opts["sampler"], steps=opts["steps"],
+                      pred=model.pred, y=y, y_null=y_null, guidance=opts["guidance"], generator=generator,
+                      learned_sigma=model.learned_sigma, clip=opts["clip"], **extra)
+        xs.append(x.cpu())
+        nfe += k
+    model.net.train(was_training)
+    return torch.cat(xs), labels, nfe
+
+
+def describe_settings(opts: dict) -> str:
+    return (f"sampler {opts['sampler']}, {opts['steps']} steps, guidance {opts['guidance']}, "
+            f"clip {'on' if opts['clip'] else 'off'}")
+
+
+def save_samples(model: DiffusionNet, path, n: int, seed: int, cls: Optional[int] = None, **settings) -> Path:
+    """The picture of a run: n samples, one block of rows per class (named), upscaled to >= 64 px tiles."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    x, y, _ = sample_images(model, n, balanced_labels(n, model.num_classes, cls), generator=g, **settings)
+    return save_image_grid(x, path, labels=y, class_names=model.class_names, scale=max(1, 64 // model.img_size))
+
+
+def evaluate_model(model: DiffusionNet, n: int, seed: int, cache_dir="data", batch_size: int = 250,
+                   **settings) -> dict:
+    """Sample n class-balanced images and score them against real `shapes` (shapes-FD, accuracy, P/R)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    x, y, _ = sample_images(model, n, generator=g, batch_size=batch_size, **settings)
+    return evaluate_samples(to_uint8(x), y, cache_dir)
+
+
+def check_evaluable(dataset: str, img_size: int, n: int, what: str = "evaluate", flag_name: str = "--n") -> None:
+    """Before any sampling: evaluation scores `shapes` images of 8, 16 or 32 px, with more samples than the
+    k = 3 nearest neighbours of precision/recall."""
+    if dataset != "shapes" or img_size not in (8, 16, 32):
+        raise ValueError(f"{what} scores samples with the shapes classifier: it needs a model trained on --dataset "
+                         "shapes at --img-size 32, 16 or 8 (for CIFAR-10 FID write samples with --npz and use the "
+                         "ADM evaluator)")
+    if n < 10:
+        raise ValueError(f"{flag_name} {n}: {what} needs at least 10 samples (k-NN precision/recall, FD)")
+
+
+def config_from_dict(cls, saved: dict, aliases: Optional[dict] = None):
+    """The one checkpoint-to-config path: a config dataclass from a saved dict, with old field names renamed
+    (aliases) and fields added since then at their defaults; an unknown name means another kind of file."""
+    saved = {(aliases or {}).get(k, k): v for k, v in saved.items()}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - set(names))
+    if unknown:
+        raise CheckpointError(f"checkpoint config has fields {cls.__name__} does not know: {unknown}")
+    tuples = {n for n, f in names.items() if isinstance(f.default, tuple)}
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in saved.items()})
+
+
+class Run:
+    """What a training loop of ddpm.py or dit.py does around its steps: the run folder (new, or the one it resumes,
+    shared over DDP ranks), config.json, progress lines, metrics.jsonl, and the gated grids, evaluations and
+    checkpoints. `save_state(step)` -> the checkpoint dict; `model_view()` -> the EMA DiffusionNet."""
+
+    def __init__(self, kind: str, cfg, total: int, dist: Dist, resume: Optional[str], load_config, model_fields):
+        self.kind, self.cfg, self.total, self.dist = kind, cfg, total, dist
+        self.ckpt, self.start = None, 0
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} DDP ranks")
+        if resume:
+            self.dir = run_folder(resume)
+            self.ckpt = load_checkpoint(checkpoint_file(resume), kind)
+            saved, self.start = load_config(self.ckpt), self.ckpt["step"]
+            diff = [f"{flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)" for k in model_fields
+                    if getattr(saved, k) != getattr(cfg, k)]
+            if diff:
+                raise CheckpointError("--resume: the run was trained with another model: " + "; ".join(diff))
+            if total <= self.start:
+                more = "it is finished" if total == self.start else f"--steps {total} is below it"
+                raise ValueError(f"--resume {self.dir}: the run is at step {self.start} and {more}; give "
+                                 f"--steps above {self.start} to train longer")
+        elif dist.is_main:
+            self.dir = make_run_dir(kind, cfg.dataset.replace("folder:", "folder-").replace("/", "_"))
+        if dist.world_size > 1:  # every rank writes to rank 0's folder
+            names = [str(self.dir) if dist.is_main else None]
+            torch.distributed.broadcast_object_list(names, src=0)
+            self.dir = Path(names[0])
+        self.progress = Progress(total, unit="img", start_step=self.start)
+        self.log = MetricsLog(self.dir) if dist.is_main else None
+        if dist.is_main:
+            text = json.dumps(dataclasses.asdict(cfg), indent=1)
+            atomic_write(self.dir / "config.json", lambda f: f.write(text.encode()))
+
+    def after_step(self, done: int, metrics: dict, save_state, model_view) -> None:
+        """Log every log_every steps (and at the end), grid every sample_every, evaluate every eval_every,
+        checkpoint every ckpt_every and at the end; the final grid after the last step."""
+        cfg, last = self.cfg, done == self.total
+        if done % cfg.log_every == 0 or last:
+            metrics["loss"] = all_reduce_mean(metrics["loss"], self.dist)  # a collective: every rank calls it
+            if self.dist.is_main:
+                print(self.progress.line(done, metrics["loss"], cfg.batch_size), flush=True)
+                self.log.log(step=done, **metrics)
+        if not self.dist.is_main:
+            return
+        if cfg.eval_every and done % cfg.eval_every == 0:  # shapes only (checked by check_config)
+            res = evaluate_model(model_view(), cfg.eval_n, cfg.seed, cfg.data_root)
+            self.log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
+            print(f"step {done} eval: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+        if (cfg.sample_every and done % cfg.sample_every == 0) or last:
+            save_samples(model_view(), self.dir / f"samples_{done:07d}.png", cfg.sample_n, cfg.seed)
+        if done % cfg.ckpt_every == 0 or last:
+            save_checkpoint(self.dir / "ckpt.pt", save_state(done))
+        if last:
+            print(f"done: {self.dir}/ckpt.pt, {self.dir}/samples_{done:07d}.png")
+
+
+def sample_parser(prog: str, sources: dict) -> ArgumentParser:
+    """The flags of the sample and evaluate commands. sources: {flag: help} of the required, mutually exclusive
+    ways to name the model (--ckpt, ...). Sampler settings default to None: the run's own grid settings."""
+    p = ArgumentParser(prog=prog, description="Sampler settings default to the run's own grid settings "
+                                              "(stored in its checkpoint); flags override them.")
+    group = p.add_mutually_exclusive_group(required=True)
+    for name, text in sources.items():
+        group.add_argument(name, help=text)
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="sampler (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG weight w: (1 + w) eps(x, y) - w eps(x, null) (default: the run's)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp every predicted x0 to [-1, 1] (default: the run's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--variance", default=None, choices=("small", "large", "learned"),
+                   help="ddpm sampler: sigma^2 = beta_tilde (small), beta (large) or the model's own (learned); "
+                        "default: learned for --learn-sigma models, else large")
+    p.add_argument("--class", dest="cls", default=None, help="draw only this class (a number or a class name)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the sampler's noise")
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampler call")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    return p
+
+
+def parse_class(cls: Optional[str], model: DiffusionNet) -> Optional[int]:
+    """--class as a number or a class name (before any work)."""
+    if cls is None:
+        return None
+    if not model.num_classes:
+        raise ValueError("--class needs a class-conditional model")
+    names = [str(c) for c in (model.class_names or [])]
+    if cls in names:
+        return names.index(cls)
+    if not cls.lstrip("-").isdigit() or not 0 <= int(cls) < model.num_classes:
+        close = difflib.get_close_matches(cls, names, n=3)
+        raise ValueError(f"--class {cls!r}: use 0..{model.num_classes - 1} or a class name"
+                         + (f" (did you mean {', '.join(close)}?)" if close else f": {', '.join(names)}"
+                            if names else ""))
+    return int(cls)
+
+
+def checked_settings(args, model: DiffusionNet) -> dict:
+    """The sampler settings of a command line (flags over the run's own), checked before any work."""
+    opts = settings_of(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, clip=args.clip)
+    check_sampler_options(opts["sampler"], args.eta, args.variance)
+    if opts["steps"] is None or opts["steps"] < 1:
+        raise ValueError(f"--steps must be positive, got {opts['steps']}")
+    if args.variance == "learned" and not model.learned_sigma:
+        raise ValueError("--variance learned needs a model trained with --learn-sigma")
+    if opts["guidance"] and model.null_label is None:
+        raise ValueError("--guidance needs a class-conditional model trained with label dropout (a null label)")
+    return dict(opts, eta=args.eta, variance=args.variance)
+
+
+def sample_command(args, load) -> None:
+    """`sample`: a grid of --n images (one block of rows per class) and optionally --npz samples.
+    load(args) -> (DiffusionNet, run folder or None, step, dataset)."""
+    check_ranges(args, positive=("n", "batch_size"), non_negative=("npz",))
+    if args.out is not None:
+        check_image_path(args.out)
+    model, run_dir, _, _ = load(args)
+    out = check_image_path(args.out or (run_dir or Path(".")) / "samples.png")
+    cls, opts = parse_class(args.cls, model), checked_settings(args, model)
+    print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
+    g = torch.Generator(device=model.device).manual_seed(args.seed)
+    t0, existed = time.time(), out.exists()
+    x, y, nfe = sample_images(model, args.n, balanced_labels(args.n, model.num_classes, cls), generator=g,
+                              batch_size=args.batch_size, **opts)
+    save_image_grid(x, out, labels=y, class_names=model.class_names, scale=max(1, 64 // model.img_size))
+    print(f"{args.n} samples, {nfe} network calls, {time.time() - t0:.1f} s -> {out}"
+          + (" (replaced the file that was there)" if existed else ""))
+    if args.npz:
+        x, y, _ = sample_images(model, args.npz, balanced_labels(args.npz, model.num_classes, cls), generator=g,
+                                batch_size=args.batch_size, **opts)
+        path = save_npz(x, y, out.with_suffix(".npz"))
+        print(f"{args.npz} samples -> {path} (arr_0 uint8 (N, H, W, 3), arr_1 labels if conditional)")
+
+
+def evaluate_command(args, load) -> dict:
+    """`evaluate`: score --n samples against real `shapes`; print a table; append it to the run's metrics.jsonl."""
+    check_ranges(args, positive=("n", "batch_size"))
+    if args.cls is not None:
+        raise ValueError("evaluate scores all classes; drop --class")
+    model, run_dir, step, dataset = load(args)
+    check_evaluable(dataset, model.img_size, args.n)
+    opts = checked_settings(args, model)
+    print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
+    t0 = time.time()
+    res = evaluate_model(model, args.n, args.seed, args.cache_dir, args.batch_size, **opts)
+    print(format_metrics_table([{"step": step, **opts, "n": args.n, **res}]))
+    print(f"({time.time() - t0:.1f} s)")
+    if run_dir is not None:
+        MetricsLog(run_dir).log(step=step or 0, **{f"eval/{k}": v for k, v in res.items()}, n=args.n,
+                                **{f"sample_{k}": v for k, v in opts.items()})
+    return res

@@ -86,9 +86,14 @@ class DDPMConfig:
     ckpt_every: int = field(default=10_000, metadata={"help": "atomic checkpoint every N steps (and at the end)"})
     sample_every: int = field(default=10_000, metadata={"help": "EMA sample grid every N steps (0: only at end)"})
     sample_n: int = field(default=64, metadata={"help": "images in the sample grid"})
-    sample_sampler: str = field(default="ddpm", metadata={"help": "sampler for in-training grids (ddpm: the "
-                                                                 "paper's ancestral sampler, clips x0)"})
-    sample_steps: int = field(default=100, metadata={"help": "sampler steps for in-training grids"})
+    sample_sampler: str = field(default="ddpm", metadata={"help": "sampler of the grids, and the default of the "
+                                                                 "sample and evaluate commands (ddpm: the paper's "
+                                                                 "ancestral sampler, variance beta)"})
+    sample_steps: int = field(default=100, metadata={"help": "sampler steps of the grids (and default of sample)"})
+    sample_guidance: float = field(default=0.0, metadata={"help": "CFG weight w of the grids (and default of "
+                                                                   "sample); needs --class-cond"})
+    sample_clip: bool = field(default=True, metadata={"help": "clamp predicted x0 to [-1, 1] in the grids (and "
+                                                               "default of sample); the official code clips"})
     eval_every: int = field(default=0, metadata={"help": "shapes metrics every N steps (0: off)"})
     eval_n: int = field(default=500, metadata={"help": "samples per in-training evaluation"})
 
@@ -97,11 +102,13 @@ PRESETS = {
     # Ho et al. (2020) CIFAR-10: exactly the defaults above.
     "cifar10": DDPMConfig(),
     # Small U-Net that learns `shapes` on 2 CPU cores in ~4-5 minutes (`make demo`): 16 px (shapes are drawn natively
-    # at that size; 16 -> 8 -> 4, attention at 4x4) and class-conditional, so the final grid (10x10, label = column)
+    # at that size; 16 -> 8 -> 4, attention at 4x4) and class-conditional, so the final grid (one row per class)
     # shows recognisable shapes after ~2000 steps. EMA 0.995: a ~200-step window, short enough for a short run.
+    # Grid settings: the best of the README's sampler table for this model (DDIM 50, clipped x0, CFG w = 1.5).
     "tiny": DDPMConfig(dataset="shapes", img_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_res=(4,),
                        dropout=0.0, norm_groups=8, class_cond=True, steps=2000, batch_size=32, lr=2e-3, warmup=50,
-                       ema_decay=0.995, log_every=100, ckpt_every=1000, sample_every=0, sample_n=100, eval_every=0,
+                       ema_decay=0.995, log_every=100, ckpt_every=1000, sample_every=0, sample_n=100,
+                       sample_sampler="ddim", sample_steps=50, sample_guidance=1.5, sample_clip=True, eval_every=0,
                        eval_n=500),
 }
 
@@ -115,17 +122,11 @@ MAX_PERIOD = 10_000    # sinusoidal embedding period (Transformer, Vaswani et al
 
 def check_config(cfg: DDPMConfig) -> None:
     """Raise a ValueError naming the flag for every invalid value, before any work is done."""
-    if not (cfg.dataset in ("cifar10", "shapes") or cfg.dataset.startswith("folder:")):
-        raise ValueError(f"--dataset {cfg.dataset!r} is unknown; use cifar10, shapes or folder:PATH")
-    common.check_ranges(cfg, positive=("img_size", "ch", "num_res_blocks", "norm_groups", "timesteps", "steps",
-                                       "batch_size", "lr", "grad_clip", "log_every", "ckpt_every", "sample_n",
-                                       "sample_steps", "eval_n"),
-                        non_negative=("warmup", "sample_every", "eval_every"), unit=("ema_decay",),
-                        rate=("dropout", "label_dropout"))
+    common.check_run_config(cfg, guidance_ok=cfg.class_cond and cfg.label_dropout > 0)
+    common.check_ranges(cfg, positive=("ch", "num_res_blocks", "norm_groups", "steps", "grad_clip"),
+                        non_negative=("warmup",), rate=("dropout",))
     if not cfg.ch_mult or min(cfg.ch_mult) <= 0:
         raise ValueError(f"--ch-mult needs positive multipliers, got {' '.join(map(str, cfg.ch_mult))}")
-    if cfg.schedule == "linear":
-        common.check_linear_betas(cfg.beta_start, cfg.beta_end)
     down = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.img_size % down:
         raise ValueError(f"--img-size {cfg.img_size} must be divisible by {down} = 2^(len(--ch-mult)-1) "
@@ -133,18 +134,7 @@ def check_config(cfg: DDPMConfig) -> None:
     for c in sorted({cfg.ch * m for m in cfg.ch_mult}):
         if c % cfg.norm_groups:
             raise ValueError(f"--norm-groups {cfg.norm_groups} must divide every U-Net width (got {c})")
-    if cfg.schedule not in ("linear", "cosine"):
-        raise ValueError(f"--schedule {cfg.schedule!r}: use linear or cosine")
-    if cfg.pred not in ("eps", "x0", "v"):
-        raise ValueError(f"--pred {cfg.pred!r}: use eps, x0 or v")
-    if cfg.eval_every and (cfg.dataset != "shapes" or cfg.img_size not in (8, 16, 32)):
-        raise ValueError("--eval-every scores samples with the shapes classifier: it needs --dataset shapes and "
-                         "--img-size 32, 16 or 8 (use --npz and the ADM evaluator for CIFAR-10 FID)")
-    if cfg.sample_sampler not in SAMPLERS:
-        raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
 
-
-SAMPLERS = common.SAMPLERS  # what common.sample implements (it checks the name, too)
 
 # =====================================================================================================
 # U-Net blocks (module names follow diffusers' UNet2DModel so the public weights load by name)
@@ -366,69 +356,52 @@ class UNet(nn.Module):
 
 
 # =====================================================================================================
-# DDPM: U-Net + noise schedule; training loss and sampling
+# DDPM: the U-Net of a config, its schedule, the training step
 # =====================================================================================================
 
 
-class DDPM(nn.Module):
-    """Holds the U-Net and the schedule. `model(x0, y)` / `model.loss(x0, y)` is the training loss;
-    `model.sample(n, sampler=..., steps=...)` draws images in [-1, 1]."""
+def build_model(cfg: DDPMConfig, num_classes: int = 0) -> UNet:
+    """The U-Net of a config; class-conditional (with a null label for CFG) when cfg.class_cond."""
+    if cfg.class_cond and num_classes <= 0:
+        raise ValueError("--class-cond needs a labelled dataset (num_classes > 0)")
+    return UNet(cfg.img_size, 3, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout,
+                cfg.norm_groups, num_classes if cfg.class_cond else 0)
 
-    def __init__(self, cfg: DDPMConfig, num_classes: int = 0):
-        super().__init__()
-        check_config(cfg)
-        self.cfg = cfg
-        self.num_classes = num_classes if cfg.class_cond else 0
-        if cfg.class_cond and num_classes <= 0:
-            raise ValueError("--class-cond needs a labelled dataset (num_classes > 0)")
-        self.net = UNet(cfg.img_size, 3, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout,
-                        cfg.norm_groups, self.num_classes)
-        # float64 table on the CPU (MPS has no float64); a pure function of the config, so never checkpointed.
-        self.alphas_cumprod = common.make_alphas_cumprod(cfg.schedule, cfg.timesteps, cfg.beta_start,
-                                                         cfg.beta_end).to(torch.float64).cpu()
 
-    @property
-    def device(self) -> torch.device:
-        return self.net.conv_in.weight.device
+def alphas_cumprod(cfg: DDPMConfig) -> torch.Tensor:
+    """(T,) float64 alpha-bar table: a pure function of the config, so never checkpointed."""
+    return common.make_alphas_cumprod(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
 
-    def forward(self, x0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """L_simple: mean over batch and pixels of (target - net(x_t, t))^2 with t ~ U{0..T-1}. x0: (B, C, H, W)."""
-        B = x0.shape[0]
-        t = torch.randint(0, self.cfg.timesteps, (B,), device=x0.device)
-        eps = torch.randn_like(x0)
-        abar = self.alphas_cumprod[t.cpu()].float().to(x0.device)[:, None, None, None]  # float64 -> float32
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        x_t = a * x0 + s * eps  # q(x_t | x_0)
-        if self.num_classes:
-            # Label dropout: the null label num_classes trains the unconditional model used by CFG.
-            drop = torch.rand(B, device=x0.device) < self.cfg.label_dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        out = self.net(x_t, t.float(), y if self.num_classes else None)
-        target = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[self.cfg.pred]  # v: Salimans & Ho (2022)
-        return F.mse_loss(out.float(), target)
 
-    loss = forward
-
-    @torch.no_grad()
-    def sample(self, n: int, sampler: str = "ddim", steps: int = 50, y: Optional[torch.Tensor] = None,
-               guidance: float = 0.0, generator: Optional[torch.Generator] = None, **sampler_options):
-        """Draw n images (n, C, H, W) in [-1, 1]. Returns (images, nfe). Class-conditional models take labels y
-        (default: 0, 1, 2, ... cycling); guidance w gives eps = (1+w) eps(x, y) - w eps(x, null)."""
-        if guidance and not self.num_classes:
-            raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
-        device = self.device
-        shape = (n, self.net.in_ch, self.cfg.img_size, self.cfg.img_size)
-        noise = torch.randn(shape, generator=generator, device=device)
-        y_null = None
-        if self.num_classes:
-            y = torch.arange(n, device=device) % self.num_classes if y is None else y.to(device)
-            y_null = torch.full_like(y, self.num_classes)
-        return common.sample(self.net, noise, self.alphas_cumprod, sampler=sampler, steps=steps, pred=self.cfg.pred,
-                             y=y, y_null=y_null, guidance=guidance, generator=generator, **sampler_options)
+def diffusion_net(net: UNet, cfg: DDPMConfig, class_names=None) -> common.DiffusionNet:
+    """The U-Net as the samplers see it, with the run's grid settings as its sampling defaults."""
+    return common.DiffusionNet(net, alphas_cumprod(cfg), cfg.img_size, cfg.pred, num_classes=net.num_classes,
+                               null_label=net.num_classes if net.num_classes else None, class_names=class_names,
+                               defaults=dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                             guidance=cfg.sample_guidance, clip=cfg.sample_clip))
 
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def train_step(net: UNet, opt: torch.optim.Optimizer, x: torch.Tensor, y, cfg: DDPMConfig, step: int,
+               generator: torch.Generator, ddp_net: Optional[nn.Module] = None) -> dict:
+    """One optimizer step: warm-up lr -> L_simple -> backward -> clip -> Adam. Returns metrics."""
+    # Official code: lr = 2e-4 * min(step / 5000, 1) with the step count *before* the update (first lr is 0).
+    lr = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with common.autocast(x.device, cfg.bf16):
+        mse, _, _, _ = common.diffusion_loss(ddp_net or net, x, alphas_cumprod(cfg), y, null_label=net.num_classes,
+                                             label_dropout=cfg.label_dropout, pred=cfg.pred, generator=generator)
+    loss = mse.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # The TPU code clipped each replica's gradient before averaging; DDP averages first (same for 1 GPU).
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
 
 # =====================================================================================================
@@ -493,50 +466,13 @@ def convert_diffusers(sd: dict) -> dict:
     return out
 
 
-def load_diffusers_into(model: DDPM, path) -> None:
+def load_diffusers_into(net: UNet, path) -> None:
     sd = load_state_dict_file(path)
     try:
-        model.net.load_state_dict(convert_diffusers(sd), strict=True)
+        net.load_state_dict(convert_diffusers(sd), strict=True)
     except (KeyError, ValueError, RuntimeError) as e:  # another model's weights: missing keys or other shapes
         raise common.CheckpointError(f"--from-diffusers {path}: not the paper's CIFAR-10 UNet2DModel "
                                      f"({common.one_line(e)}); {WANT_DIFFUSERS}") from e
-
-
-# =====================================================================================================
-# checkpoints
-# =====================================================================================================
-
-
-def config_from_checkpoint(ckpt: dict) -> DDPMConfig:
-    names = {f.name for f in dataclasses.fields(DDPMConfig)}
-    saved = ckpt["config"]
-    if set(saved) != names:
-        raise common.CheckpointError(f"checkpoint config does not match DDPMConfig (unknown: "
-                                     f"{sorted(set(saved) - names)}, missing: {sorted(names - set(saved))})")
-    tuples = {f.name for f in dataclasses.fields(DDPMConfig) if isinstance(f.default, tuple)}
-    return DDPMConfig(**{k: tuple(v) if k in tuples else v for k, v in saved.items()})
-
-
-def check_same_model(cfg: DDPMConfig, saved: DDPMConfig) -> None:
-    diff = [f"{common.flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
-            for k in MODEL_FIELDS if tuple_or(getattr(cfg, k)) != tuple_or(getattr(saved, k))]
-    if diff:
-        raise common.CheckpointError("checkpoint was trained with another config: " + "; ".join(diff))
-
-
-def tuple_or(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def load_model(ckpt_path, device, use_ema: bool = True):
-    """Rebuild a DDPM from a ddpm.py checkpoint (a run folder or its ckpt.pt). Returns (model, cfg, ckpt)."""
-    path = Path(ckpt_path)
-    path = path / "ckpt.pt" if path.is_dir() else path
-    ckpt = common.load_checkpoint(path, kind="ddpm")
-    cfg = config_from_checkpoint(ckpt)
-    model = DDPM(cfg, ckpt.get("num_classes", 0))
-    model.net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-    return model.to(device).eval(), cfg, ckpt
 
 
 # =====================================================================================================
@@ -544,127 +480,60 @@ def load_model(ckpt_path, device, use_ema: bool = True):
 # =====================================================================================================
 
 
-def train_step(model: DDPM, opt: torch.optim.Optimizer, x: torch.Tensor, y, cfg: DDPMConfig, step: int,
-               ddp_model: Optional[nn.Module] = None, device=None) -> dict:
-    """One optimizer step: warm-up lr -> loss -> backward -> clip -> Adam. Returns metrics."""
-    # Official code: lr = 2e-4 * min(step / 5000, 1) with the step count *before* the update (first lr is 0).
-    lr = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
-    for g in opt.param_groups:
-        g["lr"] = lr
-    with common.autocast(device or x.device, cfg.bf16):
-        loss = (ddp_model or model)(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    # The TPU code clipped each replica's gradient before averaging; DDP averages first (same for 1 GPU).
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+def config_from_checkpoint(ckpt: dict) -> DDPMConfig:
+    return common.config_from_dict(DDPMConfig, ckpt["config"])
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def save_samples(ema: DDPM, cfg: DDPMConfig, path, seed: int) -> None:
-    g = torch.Generator(device=ema.device).manual_seed(seed)
-    x, _ = ema.sample(cfg.sample_n, sampler=cfg.sample_sampler, steps=cfg.sample_steps, generator=g)
-    common.save_image_grid(x.cpu(), path)
-
-
-def evaluate_model(ema: DDPM, n: int, sampler: str, steps: int, guidance: float, seed: int, batch: int = 250,
-                   cache_dir: str = "data") -> dict:
-    """Sample n images (labels cycling through the classes when conditional) and score them with common.py."""
-    g = torch.Generator(device=ema.device).manual_seed(seed)
-    images, labels = [], []
-    for i in range(0, n, batch):
-        m = min(batch, n - i)
-        y = (torch.arange(i, i + m) % ema.num_classes) if ema.num_classes else None
-        x, _ = ema.sample(m, sampler=sampler, steps=steps, y=y, guidance=guidance, generator=g)
-        images.append(common.to_uint8(x.cpu()))
-        labels.append(y)
-    fake = torch.cat(images)
-    return common.evaluate_samples(fake, torch.cat(labels) if ema.num_classes else None, cache_dir)
+def load(path, device="cpu", use_ema: bool = True):
+    """A ddpm.py run (its folder or ckpt.pt) -> (DiffusionNet with the EMA weights, config, checkpoint)."""
+    ckpt = common.load_checkpoint(common.checkpoint_file(path), kind="ddpm")
+    cfg = config_from_checkpoint(ckpt)
+    net = build_model(cfg, ckpt["num_classes"])
+    net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+    return diffusion_net(net.to(device).eval(), cfg, ckpt.get("class_names")), cfg, ckpt
 
 
 def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     check_config(cfg)
     dist = common.setup_ddp(cfg.device)
     device = dist.device
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} DDP ranks")
-    ckpt = None
-    if resume:
-        run_dir = Path(resume)
-        ckpt = common.load_checkpoint(run_dir / "ckpt.pt", kind="ddpm")
-        check_same_model(cfg, config_from_checkpoint(ckpt))
+    run = common.Run("ddpm", cfg, cfg.steps, dist, resume, config_from_checkpoint, MODEL_FIELDS)
     data = common.load_dataset(cfg.dataset, root=cfg.data_root, image_size=cfg.img_size)
     if cfg.class_cond and not data.num_classes:
         raise ValueError(f"--class-cond needs labels, but dataset {cfg.dataset!r} has none")
 
     common.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = DDPM(cfg, data.num_classes).to(device)
-    ema = common.make_ema(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **common.fused_adam(device))  # betas, eps: TF1 defaults
-    start = 0
-    if ckpt is not None:
-        model.net.load_state_dict(ckpt["model"])
-        ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        common.set_rng_state(ckpt["rng"])
-    elif dist.is_main:
-        run_dir = common.make_run_dir("ddpm", cfg.dataset.replace("folder:", "folder-").replace("/", "_"))
-    if dist.world_size > 1:  # every rank writes to rank 0's folder
-        names = [str(run_dir) if dist.is_main else None]
-        torch.distributed.broadcast_object_list(names, src=0)
-        run_dir = Path(names[0])
-    common.maybe_compile(model.net, cfg.compile)  # in place: state_dict names are unchanged
-    ddp_model = common.wrap_ddp(model, dist)
-    log = common.MetricsLog(run_dir) if dist.is_main else None
+    net = build_model(cfg, data.num_classes).to(device)
+    ema = common.make_ema(net)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **common.fused_adam(device))  # betas, eps: TF1 defaults
+    if run.ckpt is not None:
+        net.load_state_dict(run.ckpt["model"])
+        ema.load_state_dict(run.ckpt["ema"])
+        opt.load_state_dict(run.ckpt["opt"])
+    common.maybe_compile(net, cfg.compile)  # in place: state_dict names are unchanged
+    ddp_net = common.wrap_ddp(net, dist)
     if dist.is_main:
-        print(f"DDPM U-Net: {num_params(model.net):,} parameters | {cfg.dataset}: {len(data.images)} images | "
-              f"device {device} x {dist.world_size} | run {run_dir}")
+        print(f"DDPM U-Net: {num_params(net):,} parameters (all trainable) | {cfg.dataset}: {len(data.images)} "
+              f"images | device {device} x {dist.world_size} | run {run.dir}")
         print("config:", json.dumps(dataclasses.asdict(cfg)))
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
-    def checkpoint(step):
-        common.save_checkpoint(run_dir / "ckpt.pt", {
-            "kind": "ddpm", "config": dataclasses.asdict(cfg), "num_classes": model.num_classes,
-            "model": model.net.state_dict(), "ema": ema.net.state_dict(), "opt": opt.state_dict(),
-            "step": step, "rng": common.rng_state()})
+    def state(step):
+        return {"kind": "ddpm", "config": dataclasses.asdict(cfg), "num_classes": net.num_classes,
+                "class_names": data.class_names, "model": net.state_dict(), "ema": ema.state_dict(),
+                "opt": opt.state_dict(), "step": step}
 
-    progress = common.Progress(cfg.steps, unit="img", start_step=start)
     per_rank = cfg.batch_size // dist.world_size
-    model.train()
-    for step in range(start, cfg.steps):
+    net.train()
+    for step in range(run.start, cfg.steps):
         x, y = common.get_batch(data, step, per_rank, cfg.seed, flip=cfg.flip, rank=dist.rank,
                                 world_size=dist.world_size)
-        x, y = x.to(device), (y.to(device) if y is not None and cfg.class_cond else None)
-        # t, noise, dropout and label dropout come from the global RNG, re-seeded from (seed, rank, step):
-        # every rank draws its own noise, and a resumed run draws exactly what an uninterrupted one would.
-        torch.manual_seed(step_seed(cfg.seed, dist.rank, step))
-        metrics = train_step(model, opt, x, y, cfg, step, ddp_model, device)
-        common.ema_update(ema, model, cfg.ema_decay)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics["loss"] = common.all_reduce_mean(metrics["loss"], dist)  # a collective: every rank calls it
-            if dist.is_main:
-                print(progress.line(done, metrics["loss"], cfg.batch_size), flush=True)
-                log.log(step=done, **metrics)
-        if dist.is_main and cfg.sample_every and done % cfg.sample_every == 0:
-            save_samples(ema, cfg, run_dir / f"samples_{done:07d}.png", cfg.seed)
-        if dist.is_main and cfg.eval_every and done % cfg.eval_every == 0:  # shapes only (check_config)
-            res = evaluate_model(ema, cfg.eval_n, cfg.sample_sampler, cfg.sample_steps, 0.0, cfg.seed,
-                                 cache_dir=cfg.data_root)
-            log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
-            print(f"step {done} eval: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
-        if dist.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            checkpoint(done)
-    if dist.is_main:
-        save_samples(ema, cfg, run_dir / f"samples_{cfg.steps:07d}.png", cfg.seed)
-        print(f"done: {run_dir}/ckpt.pt, {run_dir}/samples_{cfg.steps:07d}.png")
+        x, y = x.to(device), (y.to(device) if net.num_classes else None)
+        g = common.step_generator(cfg.seed, step, dist.rank, device)
+        metrics = train_step(net, opt, x, y, cfg, step, g, ddp_net)
+        common.ema_update(ema, net, cfg.ema_decay)
+        run.after_step(step + 1, metrics, state, lambda: diffusion_net(ema, cfg, data.class_names))
     common.cleanup_ddp()
-    return run_dir
+    return run.dir
 
 
 # =====================================================================================================
@@ -672,116 +541,47 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
 # =====================================================================================================
 
 
-def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
-    """Flags default to the chosen preset (or, with --resume, to the run's saved config)."""
-    pre = common.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="cifar10")
-    pre.add_argument("--resume", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in PRESETS:
+def base_config(known) -> DDPMConfig:
+    """The defaults of the train flags: the --preset's, or with --resume the run's own saved config."""
+    if known.resume:
+        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume), kind="ddpm"))
+    if (known.preset or "cifar10") not in PRESETS:
         raise ValueError(f"--preset {known.preset!r}: use one of {', '.join(PRESETS)}")
-    base = PRESETS[known.preset]
-    if known.resume:  # the run's config becomes the default; flags that change the model are refused
-        base = config_from_checkpoint(common.load_checkpoint(Path(known.resume) / "ckpt.pt", kind="ddpm"))
-    parser = common.ArgumentParser(prog="ddpm.py train", description="Train a DDPM.")
-    parser.add_argument("--preset", default="cifar10", help=f"one of {', '.join(PRESETS)}")
-    parser.add_argument("--resume", default=None, help="run folder to continue exactly")
-    common.add_config_args(parser, base)
-    cfg = common.config_from_args(base, parser.parse_args(argv))
-    cfg = dataclasses.replace(cfg, ch_mult=tuple(cfg.ch_mult), attn_res=tuple(cfg.attn_res))
-    check_config(cfg)
-    return cfg, known.resume
+    return PRESETS[known.preset or "cifar10"]
 
 
-def sample_parser(prog: str) -> argparse.ArgumentParser:
-    p = common.ArgumentParser(prog=prog)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="ddpm.py checkpoint (RUN/ckpt.pt or RUN)")
-    src.add_argument("--from-diffusers", help="google/ddpm-cifar10-32 UNet2DModel weights (.safetensors/.bin)")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=1000, help="sampler steps (network evaluations for ddpm/ddim)")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG weight w (class-conditional models only)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--variance", default=None, choices=("small", "large"),
-                   help="ddpm sampler: sigma^2 = beta_tilde (small) or beta (large; the default, as officially)")
-    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="clamp every predicted x0 to [-1, 1] (default: the ddpm sampler clips, as the official "
-                        "code; the others do not)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    return p
+def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
+    return common.parse_train_args(argv, "ddpm.py [train]", "Train a DDPM. Every DDPMConfig field is a flag.",
+                                   base_config, check_config, presets=PRESETS)
 
 
-def load_for_sampling(args, device):
+def load_for_sampling(args):
+    device = common.pick_device(args.device)
     if args.from_diffusers:
-        model, ckpt, run_dir = DDPM(PRESETS["cifar10"]).to(device), None, None
-        load_diffusers_into(model, args.from_diffusers)
-        model.eval()
-    else:
-        model, _, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
-        run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
-    if args.guidance and not model.num_classes:  # fail before any sampling work
-        raise ValueError("--guidance needs a class-conditional model (train with --class-cond)")
-    return model, ckpt, run_dir
+        net = build_model(PRESETS["cifar10"])
+        load_diffusers_into(net, common.expand_path(args.from_diffusers))
+        return diffusion_net(net.to(device).eval(), PRESETS["cifar10"], None), None, None, "cifar10"
+    model, cfg, ckpt = load(args.ckpt, device, use_ema=not args.no_ema)
+    return model, common.run_folder(args.ckpt), ckpt["step"], cfg.dataset
 
 
-def draw(model: DDPM, args, n: int, g: torch.Generator):
-    """n images in batches. Returns (float images in [-1, 1] on cpu, labels or None, total NFE)."""
-    opts = common.sampler_kwargs(args)
-    if args.sampler == "ddpm":  # sigma^2 = beta: the official CIFAR-10 sampling (fixedlarge)
-        opts.setdefault("variance", "large")
-    xs, ys, nfe = [], [], 0
-    for i in range(0, n, args.batch_size):
-        m = min(args.batch_size, n - i)
-        y = (torch.arange(i, i + m) % model.num_classes) if model.num_classes else None
-        x, k = model.sample(m, sampler=args.sampler, steps=args.steps, y=y, guidance=args.guidance, generator=g,
-                            **opts)
-        xs.append(x.cpu()), ys.append(y)
-        nfe += k
-    return torch.cat(xs), (torch.cat(ys) if model.num_classes else None), nfe
+SOURCES = {"--ckpt": "a ddpm.py run: its folder or RUN/ckpt.pt",
+           "--from-diffusers": "google/ddpm-cifar10-32 UNet2DModel weights (.safetensors or .bin)"}
 
 
 def cmd_sample(argv) -> None:
-    p = sample_parser("ddpm.py sample")
+    p = common.sample_parser("ddpm.py sample", SOURCES)
     p.add_argument("--n", type=int, default=64, help="images in the grid")
-    p.add_argument("--out", default="samples.png", help="grid PNG path")
+    p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
     p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
-    args = p.parse_args(argv)
-    common.check_ranges(args, positive=("n", "batch_size"), non_negative=("npz",))
-    device = common.pick_device(args.device)
-    model, _, _ = load_for_sampling(args, device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    t0 = time.time()
-    x, _, nfe = draw(model, args, args.n, g)
-    common.save_image_grid(x, args.out)
-    print(f"{args.n} samples, {args.sampler} {args.steps} steps, {nfe} network calls, {time.time() - t0:.1f} s "
-          f"-> {args.out}")
-    if args.npz:
-        x, y, _ = draw(model, args, args.npz, g)
-        path = common.save_npz(x, y, Path(args.out).with_suffix(".npz"))
-        print(f"{args.npz} samples -> {path} (arr_0 uint8 (N, H, W, 3), arr_1 labels if conditional)")
+    common.sample_command(p.parse_args(argv), load_for_sampling)
 
 
-def cmd_evaluate(argv) -> None:
-    p = sample_parser("ddpm.py evaluate")
-    p.set_defaults(sampler="ddim", steps=50)
+def cmd_evaluate(argv) -> dict:
+    p = common.sample_parser("ddpm.py evaluate", SOURCES)
     p.add_argument("--n", type=int, default=1000, help="samples to score")
     p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
-    args = p.parse_args(argv)
-    common.check_ranges(args, positive=("n", "batch_size"))
-    device = common.pick_device(args.device)
-    model, ckpt, run_dir = load_for_sampling(args, device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    x, y, nfe = draw(model, args, args.n, g)
-    res = common.evaluate_samples(common.to_uint8(x), y, args.cache_dir)
-    print(f"{'metric':<12} value   ({args.n} samples, {args.sampler} {args.steps} steps, guidance {args.guidance})")
-    for k, v in res.items():
-        print(f"{k:<12} {v:.4f}")
-    if run_dir is not None:
-        common.MetricsLog(run_dir).log(step=ckpt["step"], **{f"eval/{k}": v for k, v in res.items()},
-                                       sampler=args.sampler, sampler_steps=args.steps, n=args.n)
+    return common.evaluate_command(p.parse_args(argv), load_for_sampling)
 
 
 COMMANDS = {"train": (lambda argv: train(*parse_train_args(argv)), "train a DDPM (the default command)"),

@@ -20,13 +20,14 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import ddpm  # noqa: E402
-from ddpm import DDPM, PRESETS, UNet  # noqa: E402
+from ddpm import PRESETS, UNet  # noqa: E402
 
 # A model small enough for seconds-long CPU runs; same code paths as the paper's model.
 # Unconditional and 32 px on purpose (the tiny preset itself is 16 px and class-conditional): the CLI tests below
 # check the 32 px outputs and the "--guidance needs --class-cond" error.
 MICRO = dataclasses.replace(PRESETS["tiny"], img_size=32, attn_res=(8,), class_cond=False, ch=16, norm_groups=4,
-                            steps=8, batch_size=8, warmup=2, log_every=2, ckpt_every=4, sample_n=4, sample_steps=2)
+                            steps=8, batch_size=8, warmup=2, log_every=2, ckpt_every=4, sample_n=4, sample_steps=2,
+                            sample_guidance=0.0)
 
 
 def micro_flags(cfg=MICRO):
@@ -34,7 +35,7 @@ def micro_flags(cfg=MICRO):
             "--class-cond" if cfg.class_cond else "--no-class-cond", "--ch", str(cfg.ch), "--norm-groups", str(cfg.norm_groups),
             "--batch-size", str(cfg.batch_size), "--warmup", str(cfg.warmup), "--log-every", str(cfg.log_every),
             "--ckpt-every", str(cfg.ckpt_every), "--sample-n", str(cfg.sample_n),
-            "--sample-steps", str(cfg.sample_steps)]
+            "--sample-steps", str(cfg.sample_steps), "--sample-guidance", str(cfg.sample_guidance)]
 
 
 @pytest.fixture
@@ -75,17 +76,20 @@ def test_output_shapes_and_class_conditioning():
 def test_ddpm_loss_targets_and_sampling_shape():
     torch.manual_seed(0)
     cfg = dataclasses.replace(MICRO, img_size=16, pred="v", class_cond=True)
-    model = DDPM(cfg, num_classes=10)
+    net = ddpm.build_model(cfg, num_classes=10)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
-    loss = model.loss(x0, torch.tensor([0, 1, 2, 3]))
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
-    assert model.net.class_embedding.weight.grad is not None
-    model.eval()
-    x, nfe = model.sample(3, sampler="ddim", steps=3, guidance=1.5, generator=torch.Generator().manual_seed(0))
-    assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1 and nfe >= 3
+    g = torch.Generator().manual_seed(0)
+    mse, out, x_t, t = common.diffusion_loss(net, x0, ddpm.alphas_cumprod(cfg), torch.tensor([0, 1, 2, 3]),
+                                             null_label=10, label_dropout=0.5, pred="v", generator=g)
+    assert mse.shape == (4,) and out.shape == x0.shape and torch.isfinite(mse).all()
+    mse.mean().backward()
+    assert net.class_embedding.weight.grad is not None
+    model = ddpm.diffusion_net(net.eval(), cfg)
+    x, y, nfe = common.sample_images(model, 3, sampler="ddim", steps=3, guidance=1.5,
+                                     generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1 and nfe == 3 and y.tolist() == [0, 3, 6]
     with pytest.raises(ValueError, match="--sampler 'plms': use one of"):  # checked once, in common.sample
-        model.sample(3, sampler="plms", steps=3)
+        common.sample_images(model, 3, sampler="plms", steps=3)
 
 
 def test_timestep_embedding_matches_official_formula():
@@ -265,19 +269,19 @@ def test_diffusers_conversion_computes_what_diffusers_computes(tmp_path):
     sd = random_diffusers_state_dict(seed=1)
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     write_safetensors(sd, path)  # exercise the pure-python safetensors reader as well
-    model = DDPM(PRESETS["cifar10"])
+    model = ddpm.build_model(PRESETS["cifar10"])
     ddpm.load_diffusers_into(model, path)
     model.eval()
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([637])
     with torch.no_grad():
-        ours = model.net(x, t.float())
+        ours = model(x, t.float())
         ref = diffusers_reference_forward(sd, x, t)
     assert ours.abs().mean() > 0.1  # not a degenerate comparison
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
     torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
-    model2 = DDPM(PRESETS["cifar10"])
+    model2 = ddpm.build_model(PRESETS["cifar10"])
     ddpm.load_diffusers_into(model2, tmp_path / "diffusion_pytorch_model.bin")
-    assert torch.equal(model2.net.conv_out.weight, model.net.conv_out.weight)
+    assert torch.equal(model2.conv_out.weight, model.conv_out.weight)
     # what a user can pass by mistake: one clear CheckpointError (a ValueError), never a struct/json/key error
     (tmp_path / "short.safetensors").write_bytes(b"hi")
     (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:5000])
@@ -289,7 +293,7 @@ def test_diffusers_conversion_computes_what_diffusers_computes(tmp_path):
                           ("short.bin", "cannot load .*google/ddpm-cifar10-32"),
                           ("other_model.bin", "not the paper's CIFAR-10 UNet2DModel.*conv_out.weight")]:
         with pytest.raises(common.CheckpointError, match=message):
-            ddpm.load_diffusers_into(DDPM(PRESETS["cifar10"]), tmp_path / name)
+            ddpm.load_diffusers_into(ddpm.build_model(PRESETS["cifar10"]), tmp_path / name)
 
 
 def test_diffusers_conversion_rejects_other_layouts():
@@ -317,12 +321,12 @@ def test_loss_decreases_on_shapes():
                               class_cond=False, batch_size=16, lr=2e-3, warmup=5)
     images, labels = common.make_shapes(256, seed=0, size=16)
     data = common.Dataset(images=images, labels=labels, num_classes=10)
-    model = DDPM(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    net = ddpm.build_model(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     losses = []
     for step in range(60):
         x, _ = common.get_batch(data, step, cfg.batch_size, seed=0)
-        losses.append(ddpm.train_step(model, opt, x, None, cfg, step)["loss"])
+        losses.append(ddpm.train_step(net, opt, x, None, cfg, step, torch.Generator().manual_seed(step))["loss"])
     first, last = np.mean(losses[1:6]), np.mean(losses[-10:])
     assert last < 0.5 * first, (first, last)
 
@@ -355,7 +359,7 @@ def test_in_training_eval_and_evaluate_command(in_tmp):
     assert all(m["eval/shapes_fd"] > 0 and 0 <= m["eval/class_acc"] <= 1 for m in evals), evals
     ddpm.main(["evaluate", "--ckpt", str(run), "--n", "40", "--sampler", "euler", "--steps", "2", "--guidance", "1"])
     last = read_metrics(run)[-1]
-    assert last["step"] == 4 and last["sampler"] == "euler" and last["n"] == 40
+    assert last["step"] == 4 and last["sample_sampler"] == "euler" and last["n"] == 40
     assert {"eval/shapes_fd", "eval/class_acc", "eval/precision", "eval/recall"} <= set(last)
     with pytest.raises(ValueError, match="--eval-every"):
         ddpm.main(["train", *micro_flags(), "--dataset", "shapes", "--img-size", "24", "--ch-mult", "1", "2",

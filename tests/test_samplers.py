@@ -124,7 +124,7 @@ def test_ddpm_1000_parity(golden, variance):
     settings = golden["runs"][name]["settings"]
     assert settings["clip_sample"] is False and settings["noise_seed"] == 1234
     gen = torch.Generator().manual_seed(1234)
-    x, traj, ts, nfe, run = _run(golden, name, "ddpm", 1000, variance=variance, clip_denoised=False, generator=gen)
+    x, traj, ts, nfe, run = _run(golden, name, "ddpm", 1000, variance=variance, clip=False, generator=gen)
     assert torch.equal(ts, run["model_t"]) and nfe == 1000
     snaps = traj[[99 + 100 * k for k in range(10)]]        # x after the steps at t = 900, 800, ..., 0
     assert (snaps - run["snapshots_t900_to_t0"].double()).abs().max() < 1e-4
@@ -240,7 +240,7 @@ def _low_level(sampler, steps, **options):
     """The sampler functions themselves (no clamp to [-1, 1]: unit-std data leaves that range)."""
     def run(model, x_T, gen):
         if sampler == "ddpm":
-            return common.sample_ddpm(model, x_T, common.timesteps(T, steps, "linspace"), clip_denoised=False,
+            return common.sample_ddpm(model, x_T, common.timesteps(T, steps, "linspace"), clip=False,
                                       generator=gen, **options)
         if sampler == "ddim":
             return common.sample_ddim(model, x_T, common.timesteps(T, steps), generator=gen, **options)
@@ -516,7 +516,7 @@ def test_edm_samplers_with_a_denoise_fn():
 
 
 @pytest.mark.parametrize("sampler", common.SAMPLERS)
-def test_clip_denoised_reaches_every_sampler(sampler):
+def test_clip_reaches_every_sampler(sampler):
     # an x0-predicting net that overshoots the data range at high noise: clamping each predicted x0 (the official
     # DDPM sampler's clip) must change where every sampler lands, and the VE-view denoiser must stay in [-1, 1]
     abar = common.make_alphas_cumprod("linear")
@@ -525,24 +525,29 @@ def test_clip_denoised_reaches_every_sampler(sampler):
         return torch.where(t[:, None, None, None] > 500, torch.full_like(x_t, 3.0), 0.5 * x_t)
 
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = {clip: common.sample(net, noise, abar, sampler=sampler, steps=10, pred="x0", clip_denoised=clip,
+    out = {clip: common.sample(net, noise, abar, sampler=sampler, steps=10, pred="x0", clip=clip,
                                generator=torch.Generator().manual_seed(1))[0] for clip in (False, True)}
     assert (out[True] - out[False]).abs().max() > 1e-3, sampler  # (heun: 6e-3, the others > 0.05)
-    D = common.Denoiser(net, abar, pred="x0", clip_denoised=True)
+    D = common.Denoiser(net, abar, pred="x0", clip=True)
     assert D(noise * 80, torch.tensor(80.0)).abs().max() <= 1
     assert common.Denoiser(net, abar, pred="x0")(noise * 80, torch.tensor(80.0)).abs().max() == 3
 
 
-def test_sampler_kwargs_of_the_command_lines():
+def test_command_line_settings_default_to_the_runs_own():
     import argparse
-    flags = lambda sampler, eta=0.0, variance=None, clip=None: argparse.Namespace(sampler=sampler, eta=eta,
-                                                                                  variance=variance, clip=clip)
-    assert common.sampler_kwargs(flags("ddim", eta=0.5)) == {"eta": 0.5}
-    assert common.sampler_kwargs(flags("ddpm", variance="large", clip=False)) == {"variance": "large",
-                                                                                   "clip_denoised": False}
-    assert common.sampler_kwargs(flags("heun", clip=True)) == {"clip_denoised": True}
-    assert common.sampler_kwargs(flags("dpmpp")) == {}  # every default left to the sampler
+    model = common.DiffusionNet(lambda x, t, y: x, common.make_alphas_cumprod("linear"), 8, num_classes=3,
+                                null_label=3, defaults=dict(sampler="ddim", steps=50, guidance=1.5, clip=True))
+    flags = lambda sampler=None, steps=None, guidance=None, clip=None, eta=0.0, variance=None: argparse.Namespace(
+        sampler=sampler, steps=steps, guidance=guidance, clip=clip, eta=eta, variance=variance)  # noqa: E731
+    assert common.checked_settings(flags(), model) == dict(sampler="ddim", steps=50, guidance=1.5, clip=True, eta=0.0,
+                                                           variance=None)
+    assert common.checked_settings(flags("ddpm", 10, 0.0, False, variance="small"), model) == dict(
+        sampler="ddpm", steps=10, guidance=0.0, clip=False, eta=0.0, variance="small")
     with pytest.raises(ValueError, match="--eta only applies to --sampler ddim"):
-        common.sampler_kwargs(flags("euler", eta=1.0))
+        common.checked_settings(flags("euler", eta=1.0), model)
     with pytest.raises(ValueError, match="--variance only applies to --sampler ddpm"):
-        common.sampler_kwargs(flags("ddim", variance="small"))
+        common.checked_settings(flags(variance="small"), model)
+    with pytest.raises(ValueError, match="--variance learned needs a model trained with --learn-sigma"):
+        common.checked_settings(flags("ddpm", variance="learned"), model)
+    with pytest.raises(ValueError, match="--steps must be positive, got 0"):
+        common.checked_settings(flags(steps=0), model)
