@@ -87,7 +87,10 @@ def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentPa
         hint = hints.get(f.name, f.type)
         option = flag(f.name)
         type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-        help_text = f.metadata.get("help", type_name)
+        # a field that only changes an inherited default keeps the help of the class it comes from
+        helps = [g.metadata["help"] for c in type(cfg).__mro__ if dataclasses.is_dataclass(c)
+                 for g in dataclasses.fields(c) if g.name == f.name and "help" in g.metadata]
+        help_text = helps[0] if helps else type_name
         help_text = help_text.replace("%", "%%") + " (default: %(default)r)"  # argparse %-formats help
         if hint is bool or isinstance(default, bool):
             parser.add_argument(option, dest=f.name, default=default, help=help_text,
@@ -1658,6 +1661,49 @@ def format_metrics_table(rows: list) -> str:
 SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings = the sample command's defaults
 
 
+def _field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The fields ddpm.py and dit.py share, each with one meaning in both (each script's config inherits them, adds
+    its network's fields and sets its own defaults)."""
+    # data
+    dataset: str = _field("cifar10", "cifar10 | shapes | folder:PATH")
+    data_root: str = _field("data", "where datasets are downloaded / cached")
+    img_size: int = _field(32, "image side (pixels)")
+    flip: bool = _field(True, "random horizontal flips (the only augmentation)")
+    label_dropout: float = _field(0.1, "label -> null label rate in training (classifier-free guidance)")
+    # diffusion
+    schedule: str = _field("linear", "beta schedule: linear | cosine")
+    timesteps: int = _field(1000, "diffusion steps T")
+    beta_start: float = _field(1e-4, "linear schedule beta_1")
+    beta_end: float = _field(0.02, "linear schedule beta_T")
+    pred: str = _field("eps", "what the network predicts: eps (both papers) | x0 | v")
+    # optimisation
+    batch_size: int = _field(128, "global batch size (split over DDP ranks)")
+    steps: int = _field(0, "training steps")
+    lr: float = _field(1e-4, "learning rate")
+    ema_decay: float = _field(0.9999, "EMA decay of the sampling weights")
+    seed: int = _field(0, "seed of init, data order, noise, dropout and label dropout")
+    # runtime
+    device: str = _field("auto", "auto | cpu | cuda | mps")
+    bf16: bool = _field(False, "bf16 autocast (GPU)")
+    compile: bool = _field(False, "torch.compile the network")
+    # logging, checkpoints, sample grids (their settings are the sample command's defaults), evaluation
+    log_every: int = _field(100, "print/log the loss every N steps")
+    ckpt_every: int = _field(5000, "atomic checkpoint every N steps (and at the end)")
+    sample_every: int = _field(5000, "EMA sample grid every N steps (0: only at the end)")
+    sample_n: int = _field(64, "images per grid (one block of rows per class when conditional)")
+    sample_sampler: str = _field("ddim", "sampler of the grids: " + " | ".join(SAMPLERS))
+    sample_steps: int = _field(50, "sampler steps of the grids")
+    sample_guidance: float = _field(0.0, "CFG weight w of the grids: (1 + w) eps(x, y) - w eps(x, null)")
+    sample_clip: bool = _field(False, "clamp every predicted x0 to [-1, 1] in the grids")
+    eval_every: int = _field(0, "shapes metrics every N steps (0: off)")
+    eval_n: int = _field(500, "samples per in-training evaluation")
+
+
 def check_run_config(cfg, guidance_ok: bool) -> None:
     """The checks of the fields ddpm.py and dit.py share (a ValueError naming the flag, before any work);
     guidance_ok: the model is trained with a null label, so its grids may use --sample-guidance."""
@@ -1848,6 +1894,16 @@ def config_from_dict(cls, saved: dict, aliases: Optional[dict] = None):
     return cls(**{k: tuple(v) if k in tuples else v for k, v in saved.items()})
 
 
+def load_run(path, kind: str, config_of, build, view, device="cpu", use_ema: bool = True):
+    """A run of ddpm.py or dit.py (its folder or ckpt.pt) -> (view of the network with the EMA (or raw) weights,
+    config, checkpoint). config_of(ckpt) -> config; build(cfg, num_classes) -> network; view(net, cfg, names)."""
+    ckpt = load_checkpoint(checkpoint_file(path), kind)
+    cfg = config_of(ckpt)
+    net = build(cfg, ckpt["num_classes"])
+    net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+    return view(net.to(device).eval(), cfg, ckpt.get("class_names")), cfg, ckpt
+
+
 class Run:
     """What a training loop of ddpm.py or dit.py does around its steps: the run folder (new, or the one it resumes,
     shared over DDP ranks), config.json, progress lines, metrics.jsonl, and the gated grids, evaluations and
@@ -2002,3 +2058,24 @@ def evaluate_command(args, load) -> dict:
         MetricsLog(run_dir).log(step=step or 0, **{f"eval/{k}": v for k, v in res.items()}, n=args.n,
                                 **{f"sample_{k}": v for k, v in opts.items()})
     return res
+
+
+def diffusion_commands(prog: str, what: str, train, sources: dict, load) -> dict:
+    """The sub-commands of ddpm.py and dit.py for common.dispatch: train (the script's own), sample, evaluate.
+    sources: the flags naming a model (see sample_parser); load(args) -> (DiffusionNet, run folder, step, dataset)."""
+    def sample(argv):
+        p = sample_parser(f"{prog} sample", sources)
+        p.add_argument("--n", type=int, default=64, help="images in the grid (one block of rows per class)")
+        p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
+        p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
+        sample_command(p.parse_args(argv), load)
+
+    def evaluate(argv):
+        p = sample_parser(f"{prog} evaluate", sources)
+        p.add_argument("--n", type=int, default=1000, help="samples to score")
+        p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
+        return evaluate_command(p.parse_args(argv), load)
+
+    return {"train": (train, f"train {what} (the default command)"),
+            "sample": (sample, "draw a grid of samples from a checkpoint (and an .npz for FID)"),
+            "evaluate": (evaluate, "score samples on `shapes`: FD, class accuracy, precision, recall")}

@@ -48,54 +48,29 @@ import common
 
 
 @dataclass
-class DDPMConfig:
-    # data
-    dataset: str = field(default="cifar10", metadata={"help": "cifar10 | shapes | folder:PATH"})
-    img_size: int = field(default=32, metadata={"help": "image side; must be divisible by 2^(len(ch_mult)-1)"})
-    data_root: str = field(default="data", metadata={"help": "where datasets are downloaded / cached"})
-    flip: bool = field(default=True, metadata={"help": "random horizontal flips (paper: slightly better samples)"})
+class DDPMConfig(common.RunConfig):
+    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with dit.py); the defaults
+    below are the paper's CIFAR-10 run where they differ from those."""
     # U-Net (paper CIFAR-10: 128, (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1)
     ch: int = field(default=128, metadata={"help": "base channel count of the U-Net"})
-    ch_mult: tuple = field(default=(1, 2, 2, 2), metadata={"help": "channel multiplier per resolution"})
+    ch_mult: tuple = field(default=(1, 2, 2, 2), metadata={"help": "channel multiplier per resolution; --img-size "
+                                                                  "must be divisible by 2^(len(ch_mult)-1)"})
     num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution (down path)"})
     attn_res: tuple = field(default=(16,), metadata={"help": "resolutions that get self-attention"})
     dropout: float = field(default=0.1, metadata={"help": "dropout inside residual blocks"})
     norm_groups: int = field(default=32, metadata={"help": "GroupNorm groups (paper: 32)"})
     class_cond: bool = field(default=False, metadata={"help": "add a label embedding to the time embedding"})
-    label_dropout: float = field(default=0.1, metadata={"help": "label -> null label rate (for CFG)"})
-    # diffusion
-    schedule: str = field(default="linear", metadata={"help": "beta schedule: linear | cosine"})
-    timesteps: int = field(default=1000, metadata={"help": "number of diffusion steps T"})
-    beta_start: float = field(default=1e-4, metadata={"help": "linear schedule beta_1"})
-    beta_end: float = field(default=0.02, metadata={"help": "linear schedule beta_T"})
-    pred: str = field(default="eps", metadata={"help": "network target: eps | x0 | v"})
-    # optimisation
-    steps: int = field(default=800_000, metadata={"help": "training steps (paper: 800k)"})
-    batch_size: int = field(default=128, metadata={"help": "global batch size (split over DDP ranks)"})
-    lr: float = field(default=2e-4, metadata={"help": "Adam learning rate"})
+    # optimisation: Adam with the official warm-up and clip
     warmup: int = field(default=5000, metadata={"help": "linear lr warm-up steps (official code)"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the sampling weights"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, init, noise and dropout"})
-    # runtime
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the forward pass (GPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the U-Net"})
-    # logging, checkpoints, samples, evaluation
-    log_every: int = field(default=100, metadata={"help": "print/log loss every N steps"})
-    ckpt_every: int = field(default=10_000, metadata={"help": "atomic checkpoint every N steps (and at the end)"})
-    sample_every: int = field(default=10_000, metadata={"help": "EMA sample grid every N steps (0: only at end)"})
-    sample_n: int = field(default=64, metadata={"help": "images in the sample grid"})
-    sample_sampler: str = field(default="ddpm", metadata={"help": "sampler of the grids, and the default of the "
-                                                                 "sample and evaluate commands (ddpm: the paper's "
-                                                                 "ancestral sampler, variance beta)"})
-    sample_steps: int = field(default=100, metadata={"help": "sampler steps of the grids (and default of sample)"})
-    sample_guidance: float = field(default=0.0, metadata={"help": "CFG weight w of the grids (and default of "
-                                                                   "sample); needs --class-cond"})
-    sample_clip: bool = field(default=True, metadata={"help": "clamp predicted x0 to [-1, 1] in the grids (and "
-                                                               "default of sample); the official code clips"})
-    eval_every: int = field(default=0, metadata={"help": "shapes metrics every N steps (0: off)"})
-    eval_n: int = field(default=500, metadata={"help": "samples per in-training evaluation"})
+    steps: int = 800_000
+    lr: float = 2e-4
+    # grids: the paper's ancestral sampler (variance beta, x0 clipped as in the official code), 100 respaced steps
+    ckpt_every: int = 10_000
+    sample_every: int = 10_000
+    sample_sampler: str = "ddpm"
+    sample_steps: int = 100
+    sample_clip: bool = True
 
 
 PRESETS = {
@@ -486,11 +461,7 @@ def config_from_checkpoint(ckpt: dict) -> DDPMConfig:
 
 def load(path, device="cpu", use_ema: bool = True):
     """A ddpm.py run (its folder or ckpt.pt) -> (DiffusionNet with the EMA weights, config, checkpoint)."""
-    ckpt = common.load_checkpoint(common.checkpoint_file(path), kind="ddpm")
-    cfg = config_from_checkpoint(ckpt)
-    net = build_model(cfg, ckpt["num_classes"])
-    net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-    return diffusion_net(net.to(device).eval(), cfg, ckpt.get("class_names")), cfg, ckpt
+    return common.load_run(path, "ddpm", config_from_checkpoint, build_model, diffusion_net, device, use_ema)
 
 
 def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
@@ -555,6 +526,11 @@ def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
                                    base_config, check_config, presets=PRESETS)
 
 
+# the sample and evaluate commands take a ddpm.py run or the paper's weights (their diffusers port)
+SOURCES = {"--ckpt": "a ddpm.py run: its folder or RUN/ckpt.pt",
+           "--from-diffusers": "google/ddpm-cifar10-32 UNet2DModel weights (.safetensors or .bin)"}
+
+
 def load_for_sampling(args):
     device = common.pick_device(args.device)
     if args.from_diffusers:
@@ -565,28 +541,8 @@ def load_for_sampling(args):
     return model, common.run_folder(args.ckpt), ckpt["step"], cfg.dataset
 
 
-SOURCES = {"--ckpt": "a ddpm.py run: its folder or RUN/ckpt.pt",
-           "--from-diffusers": "google/ddpm-cifar10-32 UNet2DModel weights (.safetensors or .bin)"}
-
-
-def cmd_sample(argv) -> None:
-    p = common.sample_parser("ddpm.py sample", SOURCES)
-    p.add_argument("--n", type=int, default=64, help="images in the grid")
-    p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
-    p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
-    common.sample_command(p.parse_args(argv), load_for_sampling)
-
-
-def cmd_evaluate(argv) -> dict:
-    p = common.sample_parser("ddpm.py evaluate", SOURCES)
-    p.add_argument("--n", type=int, default=1000, help="samples to score")
-    p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
-    return common.evaluate_command(p.parse_args(argv), load_for_sampling)
-
-
-COMMANDS = {"train": (lambda argv: train(*parse_train_args(argv)), "train a DDPM (the default command)"),
-            "sample": (lambda argv: cmd_sample(argv), "draw a grid of samples from a checkpoint (and an .npz)"),
-            "evaluate": (lambda argv: cmd_evaluate(argv), "score samples: shapes FD, accuracy, precision, recall")}
+COMMANDS = common.diffusion_commands("ddpm.py", "a DDPM", lambda argv: train(*parse_train_args(argv)), SOURCES,
+                                     load_for_sampling)
 
 
 def main(argv=None) -> None:

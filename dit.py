@@ -59,12 +59,9 @@ ADALN_VARIANTS = ("adaln-zero", "adaln", "adaln-single", "adaln-diagonal")
 
 
 @dataclass
-class DiTConfig:
-    # data
-    dataset: str = field(default="cifar10", metadata={"help": "cifar10 | shapes | folder:PATH"})
-    data_root: str = field(default="data", metadata={"help": "where datasets are downloaded / cached"})
-    img_size: int = field(default=32, metadata={"help": "image side (pixels); divisible by --patch"})
-    flip: bool = field(default=True, metadata={"help": "random horizontal flips (the only augmentation)"})
+class DiTConfig(common.RunConfig):
+    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with ddpm.py); the defaults
+    are the official recipe (AdamW 1e-4, no weight decay, constant lr, EMA 0.9999, eps-MSE on the linear schedule)."""
     # model (named sizes: --model DiT-S/4 fills patch, width, depth, heads)
     model: Optional[str] = field(default=None, metadata={"help": "named size DiT-{S,B,L,XL}/{2,4,8}, or none"})
     patch: int = field(default=4, metadata={"help": "patch side p: (img_size/p)^2 tokens"})
@@ -75,39 +72,11 @@ class DiTConfig:
     adaln: str = field(default="adaln-zero", metadata={"help": "conditioning: " + " | ".join(ADALN_VARIANTS)})
     learn_sigma: bool = field(default=False, metadata={"help": "also predict the variance (improved-DDPM L_vlb)"})
     uncond: bool = field(default=False, metadata={"help": "ignore labels (unconditional model)"})
-    label_dropout: float = field(default=0.1, metadata={"help": "label -> null label rate in training (CFG)"})
-    # diffusion
-    schedule: str = field(default="linear", metadata={"help": "beta schedule: linear | cosine"})
-    timesteps: int = field(default=1000, metadata={"help": "diffusion steps T"})
-    beta_start: float = field(default=1e-4, metadata={"help": "linear schedule beta_1"})
-    beta_end: float = field(default=0.02, metadata={"help": "linear schedule beta_T"})
-    pred: str = field(default="eps", metadata={"help": "network target: eps (official) | x0 | v"})
-    # optimisation (official recipe: AdamW 1e-4, no weight decay, constant lr, EMA 0.9999)
-    batch_size: int = field(default=128, metadata={"help": "global batch size (split over DDP ranks)"})
+    # optimisation
     epochs: int = field(default=100, metadata={"help": "passes over the dataset (when --steps is 0)"})
-    steps: int = field(default=0, metadata={"help": "training steps; 0 = --epochs epochs"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the sampling weights"})
-    seed: int = field(default=0, metadata={"help": "seed of init, data order, noise and label dropout"})
-    # runtime
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (GPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    # logging, checkpoints, sample grids (their settings are the sample command's defaults), evaluation
-    log_every: int = field(default=100, metadata={"help": "print/log the loss every N steps"})
-    ckpt_every: int = field(default=5000, metadata={"help": "atomic checkpoint every N steps (and at the end)"})
-    sample_every: int = field(default=5000, metadata={"help": "EMA sample grid every N steps (0: only at end)"})
-    sample_n: int = field(default=80, metadata={"help": "images per grid (a row per class when conditional)"})
-    sample_sampler: str = field(default="ddim", metadata={"help": "sampler of the grids: "
-                                                                 + " | ".join(common.SAMPLERS)})
-    sample_steps: int = field(default=50, metadata={"help": "sampler steps of the grids"})
-    sample_guidance: float = field(default=0.0, metadata={"help": "CFG weight w of the grids (0: none)"})
-    sample_clip: bool = field(default=False, metadata={"help": "clamp predicted x0 to [-1, 1] in the grids "
-                                                                "(the DiT code does not)"})
-    eval_every: int = field(default=0, metadata={"help": "shapes metrics every N steps (0: off)"})
-    eval_n: int = field(default=500, metadata={"help": "samples per in-training evaluation"})
     preset: str = field(default="cifar10", metadata={"help": "base values: cifar10 | tiny"})
+    sample_n: int = 80
 
 
 # Official `DiT_models` sizes (paper Table 1): (depth, width, heads); each with patch 2, 4 or 8.
@@ -566,11 +535,7 @@ def config_from_checkpoint(ckpt: dict) -> DiTConfig:
 
 def load(path, device="cpu", use_ema: bool = True):
     """A dit.py run (its folder or ckpt.pt) -> (DiffusionNet with the EMA weights, config, checkpoint)."""
-    ckpt = common.load_checkpoint(common.checkpoint_file(path), kind="dit")
-    cfg = config_from_checkpoint(ckpt)
-    model = build_model(cfg, ckpt["num_classes"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-    return diffusion_net(model.to(device).eval(), cfg, ckpt.get("class_names")), cfg, ckpt
+    return common.load_run(path, "dit", config_from_checkpoint, build_model, diffusion_net, device, use_ema)
 
 
 def train_step(model: DiT, opt: torch.optim.Optimizer, diffusion: Diffusion, x, y, cfg: DiTConfig,
@@ -654,27 +619,8 @@ def load_for_sampling(args):
     return model, common.run_folder(args.ckpt), ckpt["step"], cfg.dataset
 
 
-SOURCES = {"--ckpt": "a dit.py run: its folder or RUN/ckpt.pt"}
-
-
-def cmd_sample(argv) -> None:
-    p = common.sample_parser("dit.py sample", SOURCES)
-    p.add_argument("--n", type=int, default=80, help="images in the grid (one block of rows per class)")
-    p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
-    p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
-    common.sample_command(p.parse_args(argv), load_for_sampling)
-
-
-def cmd_evaluate(argv) -> dict:
-    p = common.sample_parser("dit.py evaluate", SOURCES)
-    p.add_argument("--n", type=int, default=1000, help="samples to score")
-    p.add_argument("--cache-dir", default="data", help="where the reference classifier is cached")
-    return common.evaluate_command(p.parse_args(argv), load_for_sampling)
-
-
-COMMANDS = {"train": (lambda argv: train(*parse_train_args(argv)), "train a DiT (the default command)"),
-            "sample": (lambda argv: cmd_sample(argv), "draw a grid of samples from a checkpoint (and an .npz)"),
-            "evaluate": (lambda argv: cmd_evaluate(argv), "score samples: shapes FD, accuracy, precision, recall")}
+COMMANDS = common.diffusion_commands("dit.py", "a DiT", lambda argv: train(*parse_train_args(argv)),
+                                     {"--ckpt": "a dit.py run: its folder or RUN/ckpt.pt"}, load_for_sampling)
 
 
 def main(argv=None) -> None:
