@@ -1750,6 +1750,8 @@ def parse_train_args(argv, prog: str, description: str, base_config, check, pres
         cfg = dataclasses.replace(cfg, steps=0)
     if cfg.dataset.lower() in ("cifar10", "shapes"):  # folder paths keep their case
         cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower())
+    if cfg.dataset.startswith("folder:"):  # recorded as the absolute path, so a resume finds it from anywhere
+        cfg = dataclasses.replace(cfg, dataset="folder:" + str(expand_path(cfg.dataset[7:]).absolute()))
     check(cfg)
     return cfg, known.resume
 

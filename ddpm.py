@@ -14,13 +14,23 @@ The defaults are the paper's CIFAR-10 run: 35.7 M-parameter U-Net, linear beta 1
 Usage:
     python ddpm.py train --dataset cifar10                       # the paper's run (GPU; bf16: --bf16)
     torchrun --nproc_per_node 8 ddpm.py train --dataset cifar10  # the same on 8 GPUs (global batch 128)
-    python ddpm.py train --preset tiny --dataset shapes          # CPU demo: a few minutes on 2 cores
-    python ddpm.py train --preset tiny --dataset shapes --steps 20   # CPU smoke run: ~20 s
-    python ddpm.py train --preset tiny --resume runs/ddpm-shapes-...  # continue a run exactly
-    python ddpm.py sample --ckpt runs/ddpm-shapes-.../ckpt.pt --sampler ddim --steps 50 --n 64 --out grid.png
-    python ddpm.py sample --from-diffusers diffusion_pytorch_model.safetensors --sampler ddpm --steps 1000
-    python ddpm.py sample --ckpt RUN/ckpt.pt --n 50000 --npz 50000   # uint8 NHWC .npz for the ADM FID evaluator
-    python ddpm.py evaluate --ckpt RUN/ckpt.pt --n 1000               # shapes FD / accuracy / precision / recall
+    python ddpm.py train --preset tiny                           # CPU demo on `shapes`: a few minutes on 2 cores
+    python ddpm.py train --preset tiny --steps 20                # CPU smoke run: well under a minute
+    python ddpm.py train --resume runs/ddpm-shapes-... --steps 4000   # continue a run exactly, train longer
+    python ddpm.py sample --ckpt runs/ddpm-shapes-...            # a grid with the run's own sampler settings
+    python ddpm.py sample --ckpt RUN --sampler heun --steps 10 --class plus --out plus.png
+    python ddpm.py sample --from-diffusers diffusion_pytorch_model.safetensors --steps 1000   # the paper's weights
+    python ddpm.py sample --ckpt RUN --n 64 --npz 50000          # uint8 NHWC .npz for the ADM FID evaluator
+    python ddpm.py evaluate --ckpt RUN --n 1000                  # shapes FD / accuracy / precision / recall
+    python ddpm.py --help                                        # the commands; `ddpm.py sample --help`: its flags
+Python:
+    import common, ddpm
+    cfg = ddpm.PRESETS["tiny"]                          # a DDPMConfig; any field can be replaced
+    net = ddpm.build_model(cfg, num_classes=10)         # the U-Net (untrained here)
+    print(ddpm.num_params(net))                         # 688,051 parameters, all trainable
+    model = ddpm.diffusion_net(net, cfg)                # as the samplers see it: schedule, labels, grid settings
+    images, labels, nfe = common.sample_images(model, 16, steps=5)   # (16, 3, 16, 16) in [-1, 1]
+    # model, cfg, ckpt = ddpm.load("runs/ddpm-shapes-...")           # a trained run, with its EMA weights
 """
 from __future__ import annotations
 

@@ -18,18 +18,23 @@ Defaults: the CIFAR-10 model of this project (DiT-S/4 width and heads at half de
 
 Usage:
     python dit.py --dataset cifar10                                 # train (class-conditional; GPU: --bf16)
-    torchrun --nproc_per_node 8 dit.py --dataset cifar10 --bf16     # the same on 8 GPUs (global --batch 128)
-    python dit.py --preset tiny --dataset shapes                    # CPU demo (3000 small steps; minutes)
+    torchrun --nproc_per_node 8 dit.py --dataset cifar10 --bf16     # the same on 8 GPUs (global batch 128)
+    python dit.py --preset tiny                                     # CPU demo on `shapes` (3000 small steps; minutes)
     python dit.py --preset tiny --steps 20                          # CPU smoke run: well under a minute
     python dit.py --model DiT-B/4 --adaln adaln-single --learn-sigma --dataset folder:~/pics
-    python dit.py --resume runs/dit-shapes-...                      # continue a run exactly
-    python dit.py sample --ckpt runs/dit-shapes-... --sampler ddim --steps 50 --guidance 2 --out grid.png
-    python dit.py sample --ckpt RUN --class 3 --n 16 --out threes.png
+    python dit.py --resume runs/dit-shapes-... --steps 6000         # continue a run exactly, train longer
+    python dit.py sample --ckpt runs/dit-shapes-...                 # a grid with the run's own sampler settings
+    python dit.py sample --ckpt RUN --class plus --n 16 --guidance 2 --out plus.png
     python dit.py sample --ckpt RUN --sampler ddpm --steps 250 --npz 50000   # uint8 NHWC for the ADM FID evaluator
     python dit.py evaluate --ckpt RUN --n 1000                      # shapes FD / class accuracy / precision / recall
+    python dit.py --help                                            # the commands; `dit.py sample --help`: its flags
 Python:
-    from dit import DiT, DiTConfig, get_dit_config
-    cfg = get_dit_config(DATASET="CIFAR10", BATCH=128, EPOCHS=100, IMG_SIZE=32, WIDTH=384, DEPTH=6)
+    import common, dit
+    cfg = dit.get_dit_config(DATASET="CIFAR10", BATCH=128, EPOCHS=100, IMG_SIZE=32, WIDTH=384, DEPTH=6)
+    model = dit.build_model(cfg, num_classes=10)        # a DiT; dit.DiT takes the official constructor arguments
+    print(dit.num_params(model), dit.num_params(model, trainable=True))   # 16,568,112 / 16,543,536 (fixed pos_embed)
+    images, labels, nfe = common.sample_images(dit.diffusion_net(model, cfg), 16, steps=5)   # (16, 3, 32, 32)
+    # model, cfg, ckpt = dit.load("runs/dit-shapes-...")            # a trained run, with its EMA weights
 """
 from __future__ import annotations
 
