@@ -10,6 +10,7 @@ Each section is small and self-contained, so a piece can be lifted into other co
   7. images and GIFs
   8. checkpoints and run folders  atomic saves, weights_only loads, metrics.jsonl, progress lines
   9. sample-quality metrics       shapes classifier, Frechet distance, precision/recall
+ 10. diffusion runs               the loss, run loop, sample and evaluate commands of ddpm.py and dit.py
 """
 from __future__ import annotations
 
@@ -44,22 +45,13 @@ from PIL import Image, ImageDraw
 # 1. config <-> command line
 # =====================================================================================================
 
-# A config is one dataclass; every field becomes a flag, so `--help` lists every knob with its default
-# and nothing is configured by globals or exec. Field IMG_SIZE / img_size -> flag --img-size.
-
-
-def _field_types(cfg) -> dict:
-    """Resolved type hints of a dataclass (scripts use `from __future__ import annotations`, so
-    f.type is a string); {} when they cannot be resolved, and the default's type is used instead."""
-    try:
-        return typing.get_type_hints(type(cfg))
-    except (NameError, TypeError, AttributeError):  # an unresolvable annotation costs the hint, not the flag
-        return {}
+# A config is one dataclass whose every field is a flag, so `--help` lists every knob with its default and
+# nothing is configured by globals or exec.
 
 
 def _scalar_parser(hint, default):
-    """The argparse `type` converter for one value: from the hint (Optional[X] -> X, and the word
-    'none' gives None), else from the type of the default."""
+    """The argparse `type` of one value: from the hint (Optional[X] -> X, and 'none' gives None), else from
+    the default's type."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional:
@@ -73,36 +65,34 @@ def _scalar_parser(hint, default):
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a config field: `--` + name lowercased with `_` -> `-` (IMG_SIZE -> --img-size)."""
+    """The flag of a config field: IMG_SIZE or img_size -> --img-size."""
     return "--" + name.lower().replace("_", "-")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentParser:
-    """One flag per dataclass field of the instance `cfg`, named by `flag`.
-    Defaults are the instance's values; bools get --x / --no-x; lists and tuples take nargs='+';
-    help is field(metadata={"help": ...}) when given, else the type and default. dest = field name."""
-    hints = _field_types(cfg)
+    """One flag per dataclass field of the instance `cfg` (dest = field name, default = its value): bools get
+    --x / --no-x, lists and tuples nargs='+'; help is field(metadata={"help": ...}), else the type."""
+    try:  # `from __future__ import annotations` leaves f.type a string
+        hints = typing.get_type_hints(type(cfg))
+    except (NameError, TypeError, AttributeError):  # an unresolvable annotation costs the hint, not the flag
+        hints = {}
     for f in dataclasses.fields(cfg):
         default = getattr(cfg, f.name)
         hint = hints.get(f.name, f.type)
-        option = flag(f.name)
         type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         # a field that only changes an inherited default keeps the help of the class it comes from
         helps = [g.metadata["help"] for c in type(cfg).__mro__ if dataclasses.is_dataclass(c)
                  for g in dataclasses.fields(c) if g.name == f.name and "help" in g.metadata]
-        help_text = helps[0] if helps else type_name
-        help_text = help_text.replace("%", "%%") + " (default: %(default)r)"  # argparse %-formats help
+        help_text = (helps[0] if helps else type_name).replace("%", "%%")  # argparse %-formats help
+        kwargs = dict(dest=f.name, default=default, help=help_text + " (default: %(default)r)")
         if hint is bool or isinstance(default, bool):
-            parser.add_argument(option, dest=f.name, default=default, help=help_text,
-                                action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, (list, tuple)) or typing.get_origin(hint) in (list, tuple):
             elem_hints = [a for a in typing.get_args(hint) if a is not Ellipsis]
-            elem_hint = elem_hints[0] if elem_hints else None
-            convert = _scalar_parser(elem_hint, default[0] if default else None)
-            parser.add_argument(option, dest=f.name, default=default, help=help_text, nargs="+", type=convert)
+            convert = _scalar_parser(elem_hints[0] if elem_hints else None, default[0] if default else None)
+            parser.add_argument(flag(f.name), nargs="+", type=convert, **kwargs)
         else:
-            convert = _scalar_parser(hint, default)
-            parser.add_argument(option, dest=f.name, default=default, help=help_text, type=convert)
+            parser.add_argument(flag(f.name), type=_scalar_parser(hint, default), **kwargs)
     return parser
 
 
@@ -110,21 +100,20 @@ def config_from_args(cfg, args: argparse.Namespace):
     """A new dataclass instance: `cfg` with the parsed flag values (tuple fields stay tuples)."""
     changes = {}
     for f in dataclasses.fields(cfg):
-        if not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        if isinstance(getattr(cfg, f.name), tuple) and isinstance(value, list):
-            value = tuple(value)
-        changes[f.name] = value
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            as_tuple = isinstance(getattr(cfg, f.name), tuple) and isinstance(value, list)
+            changes[f.name] = tuple(value) if as_tuple else value
     return dataclasses.replace(cfg, **changes)
 
 
 def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
-    """Before any work: raise a ValueError naming the flag of the first value of `obj` (a config dataclass or
-    parsed flags) out of its range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1], `rate` in [0, 1)
-    (a dropout rate: 1 would drop everything). A value left at None (a default derived later) is skipped."""
+    """Before any work: a ValueError naming the flag of the first field of `obj` (a config or parsed flags) out of
+    range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1], `rate` in [0, 1) (a dropout rate: 1 would drop
+    everything). None (a default derived later) is skipped."""
     bounds = ((positive, lambda v: v > 0, "must be positive"), (non_negative, lambda v: v >= 0, "must be >= 0"),
-              (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"), (rate, lambda v: 0 <= v < 1, "must be in [0, 1)"))
+              (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+              (rate, lambda v: 0 <= v < 1, "must be in [0, 1)"))
     for names, ok, want in bounds:
         for name in names:
             value = getattr(obj, name)
@@ -133,9 +122,8 @@ def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """The parser of every command line here: no prefix matching of flags (allow_abbrev=False, so `--ckpt` never
-    silently means `--ckpt-every`), every default shown in --help, and an unknown flag answered with the closest
-    known ones."""
+    """The parser of every command line here: no prefix matching (`--ckpt` never silently means `--ckpt-every`),
+    defaults shown in --help, and an unknown flag answered with the closest known ones."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -154,9 +142,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def dispatch(argv, prog: str, commands: dict, default: str = "train"):
-    """Run the sub-command named by argv[0] (`prog COMMAND [flags]`); with no command name, `default`.
-    commands: {name: (function(argv), one-line help)}. A first word that is no command ends with the closest
-    command names; `prog --help` lists the commands before the default command's flags."""
+    """Run the sub-command named by argv[0] (`default` when there is none). commands: {name: (function(argv),
+    one-line help)}. An unknown command ends with the closest names; `prog --help` lists the commands first."""
     argv = list(argv)
     if argv and argv[0] in commands:
         name = argv.pop(0)
@@ -175,8 +162,7 @@ def dispatch(argv, prog: str, commands: dict, default: str = "train"):
 
 
 def expand_path(path) -> Path:
-    """A path flag as the user meant it: `~` expanded, also inside values the shell does not expand
-    (`--dataset folder:~/pics`, `--out=~/x.png`)."""
+    """`~` expanded, also where the shell does not (`--dataset folder:~/pics`, `--out=~/x.png`)."""
     return Path(os.path.expanduser(str(path)))
 
 
@@ -197,14 +183,15 @@ def check_image_path(path, flag_name: str = "--out") -> Path:
     path = expand_path(path)
     Image.init()
     if path.suffix.lower() not in Image.EXTENSION or path.suffix.lower() in (".pdf", ".eps", ".ps"):
-        raise ValueError(f"{flag_name} {path}: give a picture file name ending in .png (or .jpg, .gif, .webp)")
+        raise ValueError(f"{flag_name} {path}: give a picture file name ending in .png "
+                         "(or .jpg, .gif, .webp)")
     return path
 
 
 def run_cli(main) -> None:
-    """Run a script's main(). Every error a user can cause (bad flags, missing data, an unknown game, a corrupt
-    or foreign checkpoint) is a ValueError raised by this project's code, whose message names the fix: it ends
-    the run as that one line, exit status 1. A ValueError raised inside a library keeps its traceback (a bug)."""
+    """Run a script's main(). A user error (bad flags, missing data, a corrupt or foreign checkpoint) is a
+    ValueError raised by this project's code, whose message names the fix: it ends the run as that one line,
+    exit status 1. A ValueError raised inside a library keeps its traceback (a bug)."""
     try:
         main()
     except ValueError as e:
