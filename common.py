@@ -108,10 +108,11 @@ def config_from_args(cfg, args: argparse.Namespace):
 
 
 def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
-    """Before any work: a ValueError naming the flag of the first field of `obj` (a config or parsed flags) out of
-    range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1], `rate` in [0, 1) (a dropout rate: 1 would drop
-    everything). None (a default derived later) is skipped."""
-    bounds = ((positive, lambda v: v > 0, "must be positive"), (non_negative, lambda v: v >= 0, "must be >= 0"),
+    """Before any work: a ValueError naming the flag of the first field of `obj` (a config or parsed flags)
+    out of range: `positive` > 0, `non_negative` >= 0, `unit` in [0, 1], `rate` in [0, 1) (a dropout rate:
+    1 would drop everything). None (a default derived later) is skipped."""
+    bounds = ((positive, lambda v: v > 0, "must be positive"),
+              (non_negative, lambda v: v >= 0, "must be >= 0"),
               (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               (rate, lambda v: 0 <= v < 1, "must be in [0, 1)"))
     for names, ok, want in bounds:
@@ -122,8 +123,8 @@ def check_ranges(obj, positive=(), non_negative=(), unit=(), rate=()) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """The parser of every command line here: no prefix matching (`--ckpt` never silently means `--ckpt-every`),
-    defaults shown in --help, and an unknown flag answered with the closest known ones."""
+    """The parser of every command line here: no prefix matching (`--ckpt` never silently means
+    `--ckpt-every`), defaults shown in --help, and an unknown flag answered with the closest known ones."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -135,15 +136,16 @@ class ArgumentParser(argparse.ArgumentParser):
             known = [o for action in self._actions for o in action.option_strings]
             hints = []
             for arg in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(arg.split("=")[0], known, n=2) if arg.startswith("-") else []
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=2) if arg[0] == "-" else []
                 hints += [f"{arg}: did you mean {' or '.join(close)}?"] if close else []
             message += " (" + "; ".join(hints) + ")" if hints else ""
         super().error(message)
 
 
 def dispatch(argv, prog: str, commands: dict, default: str = "train"):
-    """Run the sub-command named by argv[0] (`default` when there is none). commands: {name: (function(argv),
-    one-line help)}. An unknown command ends with the closest names; `prog --help` lists the commands first."""
+    """Run the sub-command named by argv[0] (`default` when there is none). commands: {name:
+    (function(argv), one-line help)}. An unknown command ends with the closest names; `prog --help` lists
+    the commands first."""
     argv = list(argv)
     if argv and argv[0] in commands:
         name = argv.pop(0)
@@ -207,11 +209,11 @@ def run_cli(main) -> None:
 # 2. noise schedules
 # =====================================================================================================
 
-# DDPM (Ho et al. 2020) uses beta_t linear in t; improved DDPM (Nichol & Dhariwal 2021) makes alpha-bar follow a
-# squared cosine so that less of the chain is spent at (near-)pure noise. Tables are float64, as in the official
-# code; samplers gather from them and cast per batch. Index t = 0..T-1 is the paper's t = 1..T.
+# DDPM (Ho et al. 2020) uses beta_t linear in t; improved DDPM (Nichol & Dhariwal 2021) makes alpha-bar
+# follow a squared cosine so that less of the chain is spent at (near-)pure noise. Tables are float64, as in
+# the official code; samplers gather from them and cast per batch. Index t = 0..T-1 is the paper's t = 1..T.
 
-COSINE_S = 0.008  # Nichol & Dhariwal (2021) eq. 17: offset s keeps beta near t = 0 from being vanishingly small
+COSINE_S = 0.008  # Nichol & Dhariwal (2021) eq. 17: offset s keeps beta near t = 0 from vanishing
 MAX_BETA = 0.999  # their clamp on beta, which avoids the singularity of the cosine at t = T
 
 
@@ -221,13 +223,12 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
 
 
 def check_linear_betas(beta_start: float, beta_end: float) -> None:
-    """The config check of linear_betas' range (--beta-start, --beta-end): a ValueError naming both flags."""
     if not 0 < beta_start < beta_end < 1:
         raise ValueError(f"need 0 < --beta-start < --beta-end < 1, got {beta_start}, {beta_end}")
 
 
 def cosine_betas(T: int = 1000, s: float = COSINE_S, max_beta: float = MAX_BETA) -> torch.Tensor:
-    """(T,) float64: f(u) = cos((u + s) / (1 + s) * pi/2)^2 and beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta),
+    """(T,) float64: f(u) = cos((u + s) / (1 + s) * pi/2)^2, beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta),
     i.e. alpha-bar_t = f((t+1)/T) / f(0) up to the clamp (diffusers' "squaredcos_cap_v2")."""
     u = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -241,7 +242,7 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def make_alphas_cumprod(schedule: str = "linear", T: int = 1000, beta_start: float = 1e-4,
                         beta_end: float = 0.02) -> torch.Tensor:
-    """(T,) float64 alpha-bar table for --schedule linear|cosine (beta_start/beta_end only apply to linear)."""
+    """(T,) float64 alpha-bar table for --schedule linear|cosine (beta_start/beta_end: linear only)."""
     if schedule == "linear":
         return alphas_cumprod(linear_betas(T, beta_start, beta_end))
     if schedule == "cosine":
@@ -253,13 +254,12 @@ def make_alphas_cumprod(schedule: str = "linear", T: int = 1000, beta_start: flo
 # 3. samplers and guidance
 # =====================================================================================================
 
-# Two views of one forward process (Kingma et al. 2021; Karras et al. 2022 §2), per timestep t with alpha-bar a_t:
+# Two views of one forward process (Kingma et al. 2021; Karras et al. 2022 §2), at t with alpha-bar a_t:
 #   VP (what the network sees):      x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
 #   VE (what ODE samplers integrate): x = x_t / sqrt(a_t) = x0 + sigma eps,   sigma_t = sqrt((1 - a_t) / a_t)
-# DDPM and DDIM are written in the VP view at integer t. Euler, Heun and DPM-Solver++ are k-diffusion style
-# functions of a denoiser D(x; sigma) -> x0 in the VE view. `Denoiser` is the one adapter that serves both views
-# from any network net(x_t, t, y) predicting eps, x0 or v, with classifier-free guidance built in.
-# Shapes: B batch, C channels, H, W image size; `t` and `sigma` are (B,) tensors.
+# DDPM and DDIM are written in the VP view at integer t; Euler, Heun and DPM-Solver++ are k-diffusion style
+# functions of a denoiser D(x; sigma) -> x0 in the VE view. `Denoiser` serves both views from any network
+# net(x_t, t, y) predicting eps, x0 or v. Shapes: B batch, C channels, H, W; `t` and `sigma` are (B,).
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp")
 PREDICTIONS = ("eps", "x0", "v")
@@ -272,25 +272,25 @@ def append_dims(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """N(0, I) noise shaped like x, always drawn in float32 on the generator's device and then cast, so one seed
-    gives the same noise whatever the dtype of x (float64 tests reproduce float32 runs)."""
+    """N(0, I) shaped like x, drawn in float32 on the generator's device and then cast, so one seed gives
+    the same noise whatever the dtype of x (float64 tests reproduce float32 runs)."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
 
 
 def abar_to_sigma(abar: torch.Tensor) -> torch.Tensor:
-    """VE noise level of a VP alpha-bar: sigma = sqrt((1 - abar) / abar)."""
+    """sigma = sqrt((1 - abar) / abar)."""
     return ((1 - abar) / abar).sqrt()
 
 
 def sigma_to_abar(sigma: torch.Tensor) -> torch.Tensor:
-    """Inverse of abar_to_sigma: abar = 1 / (1 + sigma^2)."""
+    """abar = 1 / (1 + sigma^2)."""
     return 1 / (1 + sigma ** 2)
 
 
 def t_to_sigma(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma at (possibly fractional) timesteps t in [0, T-1]: log sigma interpolated linearly between the two
-    neighbouring table entries (k-diffusion DiscreteSchedule.t_to_sigma). Exact table values at integer t."""
+    """sigma at (possibly fractional) timesteps t in [0, T-1]: log sigma interpolated linearly between table
+    entries (k-diffusion DiscreteSchedule.t_to_sigma)."""
     log_sigmas = abar_to_sigma(alphas_cumprod).log()                    # (T,) increasing in t
     t = torch.as_tensor(t, device=log_sigmas.device).to(log_sigmas.dtype).clamp(0, len(log_sigmas) - 1)
     low = t.floor().long().clamp(max=len(log_sigmas) - 2)
@@ -299,23 +299,21 @@ def t_to_sigma(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def sigma_to_t(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, quantize: bool = False) -> torch.Tensor:
-    """Timestep of VE noise level sigma, the inverse of t_to_sigma: t = i + w where log sigma lies a fraction w
-    of the way from log sigma_i to log sigma_{i+1}; clamped to [0, T-1] (diffusers' _sigma_to_t, k-diffusion's
-    sigma_to_t). quantize=True rounds to the nearest integer timestep (for nets that only know integer t)."""
+    """The inverse of t_to_sigma, clamped to [0, T-1] (diffusers' _sigma_to_t, k-diffusion's sigma_to_t).
+    quantize=True rounds to the nearest integer timestep (for nets that only know integer t)."""
     log_sigmas = abar_to_sigma(alphas_cumprod).log()                    # (T,)
     log_sigma = torch.as_tensor(sigma, device=log_sigmas.device).to(log_sigmas.dtype).clamp(min=1e-10).log()
-    low = ((log_sigma[..., None] >= log_sigmas).sum(-1) - 1).clamp(0, len(log_sigmas) - 2)  # entry at or below
+    low = ((log_sigma[..., None] >= log_sigmas).sum(-1) - 1).clamp(0, len(log_sigmas) - 2)  # entry <= sigma
     lo, hi = log_sigmas[low], log_sigmas[low + 1]
     t = low + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
     return t.round() if quantize else t
 
 
 def pred_to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, pred: str):
-    """(x0, eps) from a network prediction `out` at x_t (B, C, H, W) with alpha-bar abar (B,), VP view.
-    With a = sqrt(abar), b = sqrt(1 - abar) and x_t = a x0 + b eps:
-      eps: x0 = (x_t - b eps) / a;  x0: eps = (x_t - a x0) / b;  v = a eps - b x0 (Salimans & Ho 2022):
-      x0 = a x_t - b v, eps = b x_t + a v.  All three are affine in `out` for fixed (x_t, t), so guidance mixes
-    predictions of any kind in the same way."""
+    """(x0, eps) from a prediction `out` of kind `pred` at x_t (B, C, H, W) with alpha-bar abar (B,). With
+    a = sqrt(abar), b = sqrt(1 - abar), x_t = a x0 + b eps and v = a eps - b x0 (Salimans & Ho 2022):
+      eps: x0 = (x_t - b eps) / a;   x0: eps = (x_t - a x0) / b;   v: x0 = a x_t - b v, eps = b x_t + a v.
+    All three are affine in `out`, so guidance mixes predictions of any kind in the same way."""
     a = append_dims(abar.sqrt(), x_t.dim()).to(x_t.device, x_t.dtype)
     b = append_dims((1 - abar).sqrt(), x_t.dim()).to(x_t.device, x_t.dtype)
     if pred == "eps":
@@ -328,10 +326,10 @@ def pred_to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, pre
 
 
 def cfg_net(net, y: Optional[torch.Tensor], y_null: Optional[torch.Tensor], guidance: float, channels: int):
-    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper: returns f(x_t, t) -> net output with its first
-    `channels` channels (the eps / x0 / v prediction) replaced by (1 + w) out(x, y) - w out(x, y_null).
-    One batched call on [x; x] with labels [y; y_null]. Extra learned-variance channels are left unguided and
-    taken from the conditional half (as DiT's forward_with_cfg). guidance = 0 calls net(x, t, y) once, unbatched."""
+    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper f(x_t, t): the first `channels` output
+    channels become (1 + w) out(x, y) - w out(x, y_null), from one batched call on [x; x]; extra
+    learned-variance channels come from the conditional half (as DiT's forward_with_cfg). guidance = 0 calls
+    net(x, t, y) once."""
     if guidance == 0:
         return lambda x, t: net(x, t, y)
     if y is None or y_null is None:
@@ -346,26 +344,24 @@ def cfg_net(net, y: Optional[torch.Tensor], y_null: Optional[torch.Tensor], guid
 
 
 class Denoiser:
-    """The one interface between a network and every sampler. net(x_t, t, y) is trained on VP inputs x_t at
-    timesteps t in [0, T-1] and predicts `pred` ("eps" | "x0" | "v"), with C extra variance channels when
-    learned_sigma. Two views of it:
-      .predict(x_t, t, abar) -> (x0, eps, v)   VP view at timesteps t (B,) with alpha-bar abar (B,); v is the
-                                               (B, C, H, W) variance interpolation output or None. (DDPM, DDIM)
-      denoiser(x, sigma) -> x0                 VE view, k-diffusion's D(x; sigma): the net gets
-                                               x_t = x / sqrt(1 + sigma^2) and t = sigma_to_t(sigma), which is
-                                               fractional between table entries. (Euler, Heun, DPM-Solver++)
-    NFE: `nfe` counts network calls. A guided evaluation is ONE batched call on 2B images and counts 1 (it costs
-    twice the FLOPs of an unguided one), so NFE is the same with and without guidance."""
+    """The one interface between a network and every sampler. net(x_t, t, y) takes VP inputs at timesteps
+    t in [0, T-1] and predicts `pred`, plus C variance channels when learned_sigma. Two views of it:
+      .predict(x_t, t, abar) -> (x0, eps, v)  VP view (DDPM, DDIM); v: the variance channels or None
+      denoiser(x, sigma) -> x0                VE view, k-diffusion's D(x; sigma) (Euler, Heun, DPM-Solver++):
+                                              the net gets x / sqrt(1 + sigma^2) at t = sigma_to_t(sigma)
+    `nfe` counts network calls; a guided evaluation is ONE batched call on 2B images (twice the FLOPs), so
+    NFE is the same with and without guidance."""
 
-    def __init__(self, net, alphas_cumprod: torch.Tensor, *, pred: str = "eps", y: Optional[torch.Tensor] = None,
-                 y_null: Optional[torch.Tensor] = None, guidance: float = 0.0, learned_sigma: bool = False,
-                 quantize_t: bool = False, clip: bool = False):
+    def __init__(self, net, alphas_cumprod: torch.Tensor, *, pred: str = "eps",
+                 y: Optional[torch.Tensor] = None, y_null: Optional[torch.Tensor] = None,
+                 guidance: float = 0.0, learned_sigma: bool = False, quantize_t: bool = False,
+                 clip: bool = False):
         if pred not in PREDICTIONS:
             raise ValueError(f"--pred {pred!r}: use one of {', '.join(PREDICTIONS)}")
         self.net, self.pred, self.learned_sigma, self.quantize_t = net, pred, learned_sigma, quantize_t
         self.clip = clip  # VE view: clamp D(x; sigma) to the data range [-1, 1]
         self.y, self.y_null, self.guidance = y, y_null, guidance
-        # schedule math runs on the CPU in float64 (a 1000-entry table; MPS has no float64); only x lives on device
+        # schedule math runs on the CPU in float64 (MPS has no float64); only x lives on the device
         self.alphas_cumprod = alphas_cumprod.detach().cpu().to(torch.float64)
         sigmas = abar_to_sigma(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = sigmas[0].item(), sigmas[-1].item()   # sigma at t = 0 and t = T-1
@@ -374,7 +370,7 @@ class Denoiser:
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, abar: torch.Tensor):
         B, C = x_t.shape[:2]
         self.nfe += 1
-        dtype = torch.promote_types(x_t.dtype, torch.float32)              # float32 t, or float64 for float64 x
+        dtype = torch.promote_types(x_t.dtype, torch.float32)   # float32 t, or float64 for float64 x
         t = t.to(dtype).to(x_t.device).expand(B)
         out = cfg_net(self.net, self.y, self.y_null, self.guidance, C)(x_t, t)
         expected = (B, 2 * C if self.learned_sigma else C) + tuple(x_t.shape[2:])
@@ -394,9 +390,9 @@ class Denoiser:
 
 def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
     """(steps,) int64 descending subsequence of 0..T-1 that a few-step sampler visits (diffusers' names):
-      leading:  t = k * (T // steps) for k = steps-1..0 (official DDIM "uniform" skip; 980, 960, ..., 0 for 50)
-      trailing: t = round(T - k * T / steps) - 1 for k = 0..steps-1 (Lin et al. 2023; 999, 979, ..., 19)
-      linspace: round(linspace(0, T-1, steps)) reversed (improved-DDPM/DiT respacing "N"; steps = T gives all)"""
+      leading:  t = k * (T // steps), k = steps-1..0 (official DDIM "uniform" skip; 980, 960, ..., 0 for 50)
+      trailing: t = round(T - k * T / steps) - 1, k = 0..steps-1 (Lin et al. 2023; 999, 979, ..., 19)
+      linspace: round(linspace(0, T-1, steps)) reversed (improved-DDPM/DiT respacing "N"; steps = T: all)"""
     if not 1 <= steps <= T:
         raise ValueError(f"--steps {steps}: must be between 1 and T = {T}")
     k = torch.arange(steps, dtype=torch.float64)
@@ -412,17 +408,17 @@ def timesteps(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance: str = "large", clip: bool = False,
-                generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
-    """Ancestral sampling (DDPM Alg. 2, in the posterior-mean form of the official code) from x = x_T (B, C, H, W)
-    over the descending timesteps `ts` (all T for the paper; a subsequence is improved-DDPM respacing, with betas
-    recomputed from the kept alpha-bars). Per step, with a = alpha-bar here and a' at the next kept step (1 after
-    the last):  beta = 1 - a/a',  beta~ = beta (1 - a') / (1 - a)  (posterior variance),
-      mean = beta sqrt(a') / (1 - a) x0 + (1 - a') sqrt(1 - beta) / (1 - a) x_t,
-      x <- mean + sigma z,  no noise on the last step (t = 0), z drawn from `generator` in step order.
-    variance: "small" sigma^2 = beta~ | "large" sigma^2 = beta | "learned": the net's extra channels v in [-1, 1]
-    interpolate log sigma^2 = (v+1)/2 log beta + (1-v)/2 log beta~ (Nichol & Dhariwal 2021 eq. 15).
-    clip clamps x0 to [-1, 1] each step (the official DDPM code does; DiT's does not)."""
+def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance: str = "large",
+                clip: bool = False, generator: Optional[torch.Generator] = None,
+                callback=None) -> torch.Tensor:
+    """Ancestral sampling (DDPM Alg. 2, in the posterior-mean form of the official code) from x = x_T over
+    the descending timesteps `ts` (all T, or a subsequence: improved-DDPM respacing, betas recomputed from
+    the kept alpha-bars). With a = alpha-bar here and a' at the next kept step (1 after the last):
+      beta = 1 - a/a',  beta~ = beta (1 - a') / (1 - a)  (posterior variance),
+      mean = beta sqrt(a') / (1 - a) x0 + (1 - a') sqrt(1 - beta) / (1 - a) x_t,  x <- mean + sigma z,
+    no noise on the last step. variance: "small" sigma^2 = beta~ | "large" sigma^2 = beta | "learned": the
+    net's v in [-1, 1] gives log sigma^2 = (v+1)/2 log beta + (1-v)/2 log beta~ (Nichol & Dhariwal 2021
+    eq. 15). clip clamps x0 to [-1, 1] each step (the official DDPM code does; DiT's does not)."""
     if variance not in ("small", "large", "learned"):
         raise ValueError(f"--variance {variance!r}: use 'small', 'large' or 'learned'")
     if variance == "learned" and not model.learned_sigma:
@@ -453,12 +449,11 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, variance:
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: float = 0.0, clip: bool = False,
                 generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) from x = x_T over the descending timesteps `ts`; a' = alpha-bar of the next
-    listed step (1 after the last, i.e. the output is the clean sample):
-      x <- sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,   s = eta sqrt((1 - a') / (1 - a) (1 - a / a')).
-    eta = 0 is the deterministic DDIM; eta = 1 has DDPM's posterior variance on this chain. With eta > 0 noise is
-    drawn on every step, also the last one where s = 0 (as the official code). No x0 clipping by default (the
-    official DDIM code does not clip)."""
+    """DDIM (Song et al. 2021, eq. 12) from x = x_T over the descending timesteps `ts`, a' = alpha-bar at
+    the next one (1 after the last):  x <- sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,
+    s = eta sqrt((1 - a') / (1 - a) (1 - a / a')). eta = 0 is deterministic; eta = 1 has DDPM's posterior
+    variance. With eta > 0 noise is drawn on every step, also the last where s = 0 (as the official code,
+    which does not clip x0 either)."""
     abar = model.alphas_cumprod[ts.cpu()]
     abar_next = torch.cat([abar[1:], abar.new_ones(1)])
     for i, t in enumerate(ts.tolist()):
@@ -475,66 +470,55 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, *, eta: floa
     return x
 
 
-def _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator):
-    """Karras et al. (2022) Alg. 2 lines 4-6: raise the noise level to sigma_hat = sigma (1 + gamma) by adding fresh
-    noise, gamma = min(churn / n, sqrt(2) - 1) for sigma in [s_tmin, s_tmax]. Returns (x, sigma_hat)."""
-    gamma = min(churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (1 + gamma)
-    if gamma > 0:
-        x = x + s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) * randn_like(x, generator)
-    return x, sigma_hat
-
-
-@torch.no_grad()
-def sample_euler(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = float("inf"), s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
-                 callback=None) -> torch.Tensor:
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4 and
-    Alg. 2 without the 2nd-order correction) over sigmas (N+1,) ending in 0, optionally with churn. VE view:
-    x (B, C, H, W) starts at noise level sigmas[0] (the caller scales it); denoise(x, sigma (B,)) -> x0.
-    NFE = N. With churn = 0 this is also DIAMOND's order-1 sampler."""
+def _karras_steps(denoise, x, sigmas, heun, churn, s_tmin, s_tmax, s_noise, generator, callback):
+    """Karras et al. (2022) Alg. 2 over sigmas (N+1,) ending in 0. Churn (lines 4-6) first raises the noise
+    level to sigma_hat = sigma (1 + gamma) with fresh noise, gamma = min(churn / N, sqrt(2) - 1) for sigma
+    in [s_tmin, s_tmax]; then an Euler step of dx/dsigma = (x - D(x; sigma)) / sigma (eq. 4), and with
+    `heun` the trapezoidal correction, except on the last step to sigma = 0, where it would divide by zero."""
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = denoise(x, x.new_full((x.shape[0],), sigma_hat))
-        d = (x - denoised) / sigma_hat                                       # dx/dsigma
-        x = x + d * (sigma_next - sigma_hat)
+        gamma = min(churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) * randn_like(x, generator)
+        d = (x - denoise(x, x.new_full((x.shape[0],), sigma_hat))) / sigma_hat   # dx/dsigma
+        x_next = x + d * (sigma_next - sigma_hat)
+        if heun and sigma_next != 0:
+            d_2 = (x_next - denoise(x_next, x.new_full((x.shape[0],), sigma_next))) / sigma_next
+            x_next = x + (d + d_2) / 2 * (sigma_next - sigma_hat)
+        x = x_next
         if callback is not None:
             callback(i, x)
     return x
 
 
 @torch.no_grad()
-def sample_heun(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0, s_tmin: float = 0.0,
-                s_tmax: float = float("inf"), s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
-                callback=None) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2): an Euler step to sigma_{i+1}, then the trapezoidal
-    correction with the slope there. The last step (to sigma = 0) stays Euler, where the correction would divide
-    by zero, so NFE = 2N - 1 (as k-diffusion and DIAMOND's order-2 sampler)."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = _churn(x, sigma, n, churn, s_tmin, s_tmax, s_noise, generator)
-        d = (x - denoise(x, x.new_full((x.shape[0],), sigma_hat))) / sigma_hat
-        dt = sigma_next - sigma_hat
-        if sigma_next == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = (x_2 - denoise(x_2, x.new_full((x.shape[0],), sigma_next))) / sigma_next
-            x = x + (d + d_2) / 2 * dt
-        if callback is not None:
-            callback(i, x)
-    return x
+def sample_euler(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                 generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE (Karras et al. 2022, Alg. 2 without the correction),
+    optionally with churn. VE view: x (B, C, H, W) starts at noise level sigmas[0] (the caller scales it);
+    denoise(x, sigma (B,)) -> x0. NFE = N. With churn = 0 this is also DIAMOND's order-1 sampler."""
+    return _karras_steps(denoise, x, sigmas, False, churn, s_tmin, s_tmax, s_noise, generator, callback)
+
+
+@torch.no_grad()
+def sample_heun(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2): the last step, to sigma = 0, stays Euler, so
+    NFE = 2N - 1 (as k-diffusion and DIAMOND's order-2 sampler)."""
+    return _karras_steps(denoise, x, sigmas, True, churn, s_tmin, s_tmax, s_noise, generator, callback)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, callback=None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in the VE view, with lambda = -log sigma (half log-SNR) and
-    h = lambda_{i+1} - lambda_i:  x <- (sigma_{i+1} / sigma_i) x - expm1(-h) D,  where D is the denoised estimate,
-    extrapolated from the previous one on every step but the first: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
-    r = h_{i-1} / h. The last step to sigma = 0 returns D_i (first order; diffusers' final_sigmas_type="zero")."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in the VE view, with lambda = -log sigma (half log-SNR)
+    and h = lambda_{i+1} - lambda_i:  x <- (sigma_{i+1} / sigma_i) x - expm1(-h) D,  D the denoised
+    estimate extrapolated from the previous one on every step but the first:
+    D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_{i-1} / h. The last step, to sigma = 0, returns D_i
+    (first order; diffusers' final_sigmas_type="zero")."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -558,29 +542,29 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas: torch.Tensor, *, callback=
 @torch.no_grad()
 def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
            pred: str = "eps", y: Optional[torch.Tensor] = None, y_null: Optional[torch.Tensor] = None,
-           guidance: float = 0.0, eta: float = 0.0, clip: bool = False, generator: Optional[torch.Generator] = None,
-           learned_sigma: bool = False, **options):
+           guidance: float = 0.0, eta: float = 0.0, clip: bool = False,
+           generator: Optional[torch.Generator] = None, learned_sigma: bool = False, **options):
     """Draw samples from a network trained on the discrete VP process with table `alphas_cumprod` (T,).
-    net(x_t, t, y): x_t (B, C, H, W), t (B,) float timesteps in [0, T-1] (fractional for euler/heun), y (B,) long or
-    None -> (B, C, H, W) prediction of `pred`, or (B, 2C, H, W) when learned_sigma. noise: x_T ~ N(0, I)
-    (B, C, H, W); every sampler starts from it (euler/heun at x = sigma_max * noise as EDM and k-diffusion, dpmpp
-    at the exact VP -> VE image sqrt(1 + sigma_max^2) * noise), so one seed gives similar images across samplers.
-    guidance w: eps = (1+w) eps(x, y) - w eps(x, y_null). clip clamps every predicted x0 to [-1, 1]: for an
-    under-trained pixel model (whose x0 at high noise overshoots) it can matter more than the sampler; with strong
-    guidance it can hurt (it also clips the push). A callback(i, x) option sees x after each step.
-    Returns (x0 clamped to [-1, 1], nfe); nfe counts network calls, a guided call (batched 2B) counting 1.
-    sampler and its options (unknown options raise TypeError):
-      "ddpm"  steps (respaced when < T; spacing "linspace"), variance "large" (beta, the default) | "small"
-              (beta_tilde) | "learned" (the default with learned_sigma)
+    net(x_t, t, y): t (B,) float timesteps in [0, T-1] (fractional for euler/heun), y (B,) long or None ->
+    the prediction of `pred` (B, C, H, W), or (B, 2C, H, W) when learned_sigma. Every sampler starts from
+    noise = x_T ~ N(0, I) (euler/heun at sigma_max * noise as EDM, k-diffusion and diffusers; dpmpp at the
+    exact VP -> VE image sqrt(1 + sigma_max^2) * noise), so one seed gives similar images across samplers.
+    guidance: see cfg_net. clip clamps every predicted x0 to [-1, 1]: for an under-trained pixel model
+    (whose x0 at high noise overshoots) it can matter more than the sampler; with strong guidance it can
+    hurt (it also clips the push). Returns (x0 clamped to [-1, 1], nfe as counted by Denoiser).
+    Options (unknown ones raise TypeError; callback(i, x) sees x after each step):
+      "ddpm"  steps (respaced when < T; spacing "linspace"), variance "large" (beta, the default) |
+              "small" (beta_tilde) | "learned" (the default with learned_sigma)
       "ddim"  steps, eta, spacing "leading" | "trailing" | "linspace" (default "leading")
-      "euler", "heun"  Karras sigmas: rho (7), sigma_min / sigma_max (default: the table's sigma at t = 0 and T-1),
-              churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers
-      "dpmpp" DPM-Solver++(2M) at the integer timesteps round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0"""
+      "euler", "heun"  Karras sigmas: rho (7), sigma_min / sigma_max (default: the table's sigma at t = 0
+              and T-1), churn, s_tmin, s_tmax, s_noise; quantize_t rounds the net's t to integers
+      "dpmpp" DPM-Solver++(2M) at the integer t round(linspace(T-1, 0, steps + 1))[:-1], then sigma = 0"""
     check_sampler_options(sampler, eta, options.get("variance"))
     T = len(alphas_cumprod)
     ve = sampler in ("euler", "heun", "dpmpp")  # these see the net through Denoiser.__call__, which clips
-    model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance,
-                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False), clip=clip and ve)
+    model = Denoiser(net, alphas_cumprod, pred=pred, y=y, y_null=y_null, guidance=guidance, clip=clip and ve,
+                     learned_sigma=learned_sigma, quantize_t=options.pop("quantize_t", False))
+
     if sampler == "ddpm":
         ts = timesteps(T, steps, options.pop("spacing", "linspace"))
         options.setdefault("variance", "learned" if learned_sigma else "large")
@@ -593,19 +577,17 @@ def sample(net, noise: torch.Tensor, alphas_cumprod: torch.Tensor, *, sampler: s
         sigma_max = options.pop("sigma_max", None) or model.sigma_max
         sigmas = karras_sigmas(steps, sigma_min, sigma_max, options.pop("rho", 7.0))
         step_fn = sample_euler if sampler == "euler" else sample_heun
-        # x_T = sigma_max n as in EDM Alg. 1/2, k-diffusion and diffusers (whose Euler-Karras run the tests match).
         x = step_fn(model, noise * sigma_max, sigmas, generator=generator, **options)
     else:  # dpmpp
         t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
         sigmas = torch.cat([t_to_sigma(t, model.alphas_cumprod), torch.zeros(1, dtype=torch.float64)])
-        # DPM-Solver++ is a VP solver started at x_T = noise; in the VE view that is noise * sqrt(1 + sigma_max^2).
         x = sample_dpmpp_2m(model, noise * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, **options)
     return x.clamp(-1, 1), model.nfe
 
 
 def check_sampler_options(sampler: str, eta: float = 0.0, variance: Optional[str] = None) -> None:
-    """The sampler's name, and the options that belong to one sampler only (checked by `sample`, and by the command
-    lines before any work): an option that does not apply is an error, not silently ignored."""
+    """The sampler's name, and that an option given applies to it (by `sample`, and by the command lines
+    before any work): an option that does not apply is an error, not silently ignored."""
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if eta and sampler != "ddim":
