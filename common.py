@@ -600,10 +600,10 @@ def check_sampler_options(sampler: str, eta: float = 0.0, variance: Optional[str
 # 4. EDM pieces
 # =====================================================================================================
 
-# EDM (Karras et al. 2022): the network F is wrapped as D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) so its
-# input and training target have unit variance at every noise level (Table 1, "Ours"). DIAMOND (Alonso et al.
-# 2024) trains with offset noise x = x0 + sigma_off eps_c + sigma eps (eps_c one value per channel) and feeds
-# every conditioner the total level s = sqrt(sigma^2 + sigma_off^2), at training and at sampling time alike.
+# EDM (Karras et al. 2022): the network F is wrapped as D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) so
+# its input and training target have unit variance at every noise level (Table 1, "Ours"). DIAMOND (Alonso
+# et al. 2024) trains with offset noise x = x0 + sigma_off eps_c + sigma eps (eps_c one value per channel)
+# and feeds every conditioner the total level s = sqrt(sigma^2 + sigma_off^2), in training and sampling.
 
 
 def edm_precond(sigma, sigma_data: float = 0.5, sigma_offset_noise: float = 0.0):
@@ -621,8 +621,8 @@ def edm_precond(sigma, sigma_data: float = 0.5, sigma_offset_noise: float = 0.0)
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype=torch.float64,
                   device=None) -> torch.Tensor:
-    """(n+1,) noise levels of Karras et al. (2022) eq. 5, sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho)
-    - sigma_max^(1/rho)))^rho for i = 0..n-1 (descending from sigma_max to sigma_min), then sigma_n = 0.
+    """(n+1,) noise levels of Karras et al. (2022) eq. 5, descending from sigma_max to sigma_min, then 0:
+    sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..n-1.
     rho = 7 spends more steps at low noise. dtype=torch.float32 reproduces DIAMOND's table bit for bit."""
     ramp = torch.linspace(0, 1, n, dtype=dtype, device=device)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -630,12 +630,15 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, 
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def sample_lognormal_sigma(n: int, loc: float, scale: float, sigma_min: float = 0.0, sigma_max: float = math.inf,
-                           generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-    """(n,) training noise levels ln sigma ~ N(loc, scale^2), clamped to [sigma_min, sigma_max] (EDM: loc -1.2,
-    scale 1.2, no clamp; DIAMOND: loc -0.4, scale 1.2, [0.002, 20]). One randn(n) draw, as DIAMOND."""
+def sample_lognormal_sigma(n: int, loc: float, scale: float, sigma_min: float = 0.0,
+                           sigma_max: float = math.inf, generator: Optional[torch.Generator] = None,
+                           device=None) -> torch.Tensor:
+    """(n,) training noise levels ln sigma ~ N(loc, scale^2), clamped to [sigma_min, sigma_max] (EDM: loc
+    -1.2, scale 1.2, no clamp; DIAMOND: loc -0.4, scale 1.2, [0.002, 20]). One randn(n) draw, as DIAMOND."""
     device = generator.device if generator is not None else device
-    return (torch.randn(n, generator=generator, device=device) * scale + loc).exp().clamp(sigma_min, sigma_max)
+    log_sigma = torch.randn(n, generator=generator, device=device) * scale + loc
+    return log_sigma.exp().clamp(sigma_min, sigma_max)
+
 
 
 # =====================================================================================================
@@ -643,7 +646,7 @@ def sample_lognormal_sigma(n: int, loc: float, scale: float, sigma_min: float = 
 # =====================================================================================================
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every GPU). Data order does not depend on these global
+    """Seed python, numpy and torch (CPU and every GPU). The data order does not depend on these global
     RNGs: get_batch draws from its own seeded generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -665,8 +668,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device, enabled: bool = True):
-    """bf16 autocast on GPUs that support it (Ampere+: bf16 needs no loss scaling, unlike fp16);
-    a no-op elsewhere. CPU bf16 autocast exists but is usually slower than fp32, so it is not used."""
+    """bf16 autocast on GPUs that support it (Ampere+: bf16 needs no loss scaling, unlike fp16); a no-op
+    elsewhere (CPU bf16 autocast exists but is usually slower than fp32)."""
     device = torch.device(device)
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -675,7 +678,7 @@ def autocast(device, enabled: bool = True):
 
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile the module's forward in place (nn.Module.compile), so state_dict keys keep their
-    names (no `_orig_mod.` prefix) and checkpoints load into an uncompiled model. Returns the module."""
+    names (no `_orig_mod.` prefix) and checkpoints load into an uncompiled model."""
     if enabled:
         module.compile()
     return module
@@ -710,8 +713,8 @@ def setup_ddp(device: str = "auto") -> Dist:
 
 
 def wrap_ddp(model: nn.Module, dist: Dist) -> nn.Module:
-    """DistributedDataParallel when world_size > 1 (gradients are averaged over ranks in backward),
-    else the model itself. Save `model.state_dict()` of the unwrapped model, not of the wrapper."""
+    """DistributedDataParallel when world_size > 1 (gradients are averaged over ranks in backward), else
+    the model itself. Save the unwrapped model's state_dict, not the wrapper's."""
     if dist.world_size == 1:
         return model
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -724,7 +727,7 @@ def cleanup_ddp() -> None:
 
 
 def all_reduce_mean(value: float, dist: Dist) -> float:
-    """Average a scalar (e.g. the loss for the progress line) over all ranks; identity without DDP."""
+    """Average a scalar (e.g. the loss of the progress line) over all ranks; identity without DDP."""
     if dist.world_size == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64,
@@ -735,8 +738,7 @@ def all_reduce_mean(value: float, dist: Dist) -> float:
 
 def fused_adam(device) -> dict:
     """{"fused": True} where torch has the fused Adam/AdamW kernel (CUDA, CPU): one pass over all parameters
-    instead of a dozen foreach passes, the same update rule. On 2 CPU cores, for the 16.5 M-parameter DiT: 18 ms
-    instead of 70 ms per optimizer step."""
+    instead of a dozen foreach passes, the same update rule."""
     return {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
 
 
@@ -752,18 +754,14 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """In place: ema = decay * ema + (1 - decay) * model for float parameters and buffers; integer
-    buffers (e.g. BatchNorm's num_batches_tracked) are copied. Matching is by name."""
-    model_params = dict(model.named_parameters())
-    for name, p in ema.named_parameters():
-        p.lerp_(model_params[name].detach(), 1.0 - decay)
-    model_buffers = dict(model.named_buffers())
-    for name, b in ema.named_buffers():
-        src = model_buffers[name]
-        if b.dtype.is_floating_point:
-            b.lerp_(src, 1.0 - decay)
+    """In place, matching by name: float parameters and buffers are averaged; integer buffers (e.g.
+    BatchNorm's num_batches_tracked) are copied."""
+    source = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, t in [*ema.named_parameters(), *ema.named_buffers()]:
+        if t.dtype.is_floating_point:
+            t.lerp_(source[name], 1.0 - decay)
         else:
-            b.copy_(src)
+            t.copy_(source[name])
 
 
 # =====================================================================================================
