@@ -640,7 +640,6 @@ def sample_lognormal_sigma(n: int, loc: float, scale: float, sigma_min: float = 
     return log_sigma.exp().clamp(sigma_min, sigma_max)
 
 
-
 # =====================================================================================================
 # 5. runtime: seeding, device, compile, DDP, EMA
 # =====================================================================================================
@@ -828,9 +827,8 @@ def _shape_sdf(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images of the synthetic `shapes` data: (uint8 (n, 3, size, size), int64 labels (n,)).
-    Classes are balanced (each appears n // 10 or n // 10 + 1 times) in random order; the result
-    depends only on (n, seed, size). Vectorised: 5000 images take ~0.2-0.4 s on one CPU core."""
+    """n images of the synthetic `shapes` data: (uint8 (n, 3, size, size), int64 labels (n,)), balanced
+    classes (n // 10 or n // 10 + 1 each) in random order; a function of (n, seed, size) only."""
     g = torch.Generator().manual_seed(seed)
     k = len(SHAPES_CLASSES)
     labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
@@ -859,14 +857,14 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, to
     for c, name in enumerate(SHAPES_CLASSES):
         idx = (labels == c).nonzero().squeeze(1)
         sdf[idx] = _shape_sdf(name, u[idx], v[idx])
-    alpha = (0.5 - sdf * radius[:, None, None]).clamp_(0, 1)[:, None]  # (n, 1, size, size): 1-px soft edge
+    alpha = (0.5 - sdf * radius[:, None, None]).clamp_(0, 1)[:, None]  # (n, 1, size, size): soft edge
     ramp = (pix / size - 0.5) * bg_slope[:, :, None]               # (n, 2, size): x and y gradients
     bg = (bg0[:, :, None, None] + ramp[:, None, 0, None, :]) + ramp[:, None, 1, :, None]
     img = torch.lerp(bg.clamp_(0, 1), fg[:, :, None, None].expand_as(bg), alpha)  # (n, 3, size, size)
     return img.mul_(255).round_().to(torch.uint8), labels.long()
 
 
-# --- CIFAR-10 ----------------------------------------------------------------------------------------------
+# --- CIFAR-10 ------------------------------------------------------------------------------------------
 # The official python-format archive (Krizhevsky, 2009): cifar-10-batches-py/data_batch_1..5 (10k train
 # images each) and test_batch, each a Python 2 pickle of {"data": uint8 (10000, 3072) array (rows are
 # R, G, B planes of 32x32), "labels": list of ints, ...}. Unpickling normally runs any code the file
@@ -910,9 +908,8 @@ def download_file(url: str, dest) -> Path:
 
 def safe_extract(archive, dest) -> dict:
     """Extract a .tar(.gz) into dest after checking EVERY member first: absolute paths, '..' parts,
-    symbolic and hard links, devices and FIFOs are refused with DataError (nothing is written then).
-    Only file contents are written (no modes, owners or times from the archive).
-    Returns {member name: md5 of its bytes} of the files written."""
+    symbolic and hard links, devices and FIFOs are refused with DataError (nothing is written then). Only
+    file contents are written (no modes, owners or times). Returns {member name: md5} of the files."""
     dest = Path(dest).resolve()
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -927,7 +924,8 @@ def safe_extract(archive, dest) -> dict:
                     raise DataError(f"{archive}: member {m.name!r} is a {kind}; refusing to extract — "
                                     f"delete the archive and download it again")
                 if not (dest / m.name).resolve().is_relative_to(dest):
-                    raise DataError(f"{archive}: member {m.name!r} would land outside {dest}; refusing to extract")
+                    raise DataError(f"{archive}: member {m.name!r} would land outside {dest}; "
+                                    "refusing to extract")
             digests = {}
             for m in members:
                 target = dest / m.name
@@ -940,7 +938,8 @@ def safe_extract(archive, dest) -> dict:
                 digests[m.name] = hashlib.md5(data).hexdigest()
             return digests
     except (tarfile.TarError, EOFError, OSError) as e:  # OSError: e.g. a truncated gzip stream
-        raise DataError(f"{archive} is not a readable tar archive ({e}); delete it and download it again") from e
+        raise DataError(f"{archive} is not a readable tar archive ({e}); "
+                        "delete it and download it again") from e
 
 
 def _numpy_reconstruct():
@@ -953,18 +952,16 @@ def _numpy_reconstruct():
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a CIFAR-10 batch references (numpy arrays: _reconstruct, ndarray,
-    dtype; Python 2 pickles name numpy.core, numpy 2 pickles numpy._core). Containers, strings and
-    numbers need no globals. Anything else (os.system, builtins.eval, ...) is refused, never imported."""
+    """Resolves only the globals a CIFAR-10 batch references: numpy's _reconstruct (Python 2 pickles name
+    numpy.core, numpy 2 pickles numpy._core), ndarray and dtype. Anything else (os.system, builtins.eval,
+    ...) is refused, never imported."""
 
     def find_class(self, module: str, name: str):
-        allowed = {("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-                   ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-                   ("numpy", "ndarray"): lambda: np.ndarray,
-                   ("numpy", "dtype"): lambda: np.dtype}
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
-        return allowed[(module, name)]()
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _numpy_reconstruct()
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
 
 
 def read_cifar_batch(raw: bytes, name: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
@@ -976,13 +973,14 @@ def read_cifar_batch(raw: bytes, name: str = "batch") -> tuple[torch.Tensor, tor
         raise DataError(f"{name}: refused to unpickle: {e}. The file is not an official CIFAR-10 batch; "
                         f"delete the data folder and the archive and download it again") from e
     except Exception as e:  # any other parse failure means a damaged file
-        raise DataError(f"{name} is corrupt ({type(e).__name__}: {e}); delete it and download again") from e
+        raise DataError(f"{name} is corrupt ({type(e).__name__}: {e}); "
+                        "delete it and download again") from e
     if not isinstance(batch, dict):
         raise DataError(f"{name}: expected a dict, got {type(batch).__name__}")
     data = batch.get("data", batch.get(b"data"))
     labels = batch.get("labels", batch.get(b"labels"))
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
-            and isinstance(labels, list) and len(labels) == len(data)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072 and isinstance(labels, list) and len(labels) == len(data)
             and all(isinstance(i, int) and 0 <= i < 10 for i in labels)):
         raise DataError(f"{name}: not a CIFAR-10 batch (needs uint8 data (N, 3072) and N labels in 0..9)")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.long)
@@ -990,10 +988,9 @@ def read_cifar_batch(raw: bytes, name: str = "batch") -> tuple[torch.Tensor, tor
 
 def load_cifar10(root="data", train: bool = True, download: bool = True,
                  md5: Optional[str] = None, url: Optional[str] = None) -> Dataset:
-    """CIFAR-10 train (50k) or test (10k) images from root/cifar-10-python.tar.gz, downloaded when
-    missing, MD5-checked on every call, extracted safely to root/cifar-10-batches-py once (the digests
-    of the extracted files are recorded, and a damaged extracted file is re-extracted from the
-    archive). md5 and url default to CIFAR10_MD5 and CIFAR10_URL (tests pass their own)."""
+    """CIFAR-10 train (50k) or test (10k) images from root/cifar-10-python.tar.gz, downloaded when missing,
+    MD5-checked on every call, extracted safely once (with the digests of the extracted files recorded, so
+    a damaged one is re-extracted). md5 and url default to CIFAR10_MD5 and CIFAR10_URL."""
     md5, url = md5 or CIFAR10_MD5, url or CIFAR10_URL
     root = Path(root)
     archive = root / CIFAR10_ARCHIVE
@@ -1029,14 +1026,13 @@ def load_cifar10(root="data", train: bool = True, download: bool = True,
     return Dataset(torch.cat(images), torch.cat(labels), 10, list(CIFAR10_CLASSES))
 
 
-# --- image folders -----------------------------------------------------------------------------------------
+# --- image folders -------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _load_image(path: Path, size: int) -> np.ndarray:
-    """RGB, centre-cropped to a square, resized to size x size (bicubic, antialiased by pillow):
-    (size, size, 3) uint8."""
+    """(size, size, 3) uint8 RGB: centre-cropped to a square, resized (bicubic, antialiased by pillow)."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -1044,16 +1040,16 @@ def _load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {e}; delete or replace the file") from e
     w, h = im.size
     s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    left, top = (w - s) // 2, (h - s) // 2
+    im = im.crop((left, top, left + s, top + s))
     if s != size:
         im = im.resize((size, size), Image.BICUBIC)
     return np.asarray(im, dtype=np.uint8)
 
 
 def load_image_folder(root, image_size: int = 32) -> Dataset:
-    """Every image under `root`, recursively, in sorted path order. When every image lies inside a
-    sub-folder of root, the first-level sub-folder names are the classes (sorted; like ImageFolder);
-    otherwise the dataset is unlabelled."""
+    """Every image under `root`, recursively, in sorted path order. When every image lies in a sub-folder,
+    the first-level sub-folder names are the classes (sorted, like ImageFolder); else it is unlabelled."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--dataset folder:{root}: no such folder (give the path of a folder of images)")
@@ -1074,11 +1070,10 @@ def load_image_folder(root, image_size: int = 32) -> Dataset:
 def load_dataset(name: str, root="data", image_size: int = 32, download: bool = True,
                  train: bool = True) -> Dataset:
     """'cifar10' (50k training or, train=False, 10k test images; downloaded to root on first use and
-    checked), 'shapes' (SHAPES_TRAIN_N synthetic images, seed 0) or 'folder:PATH'. Images are resized
-    to image_size when they have another size. Raises DataError with the fix."""
+    checked), 'shapes' (SHAPES_TRAIN_N synthetic images, seed 0) or 'folder:PATH', at image_size."""
     if name == "shapes":
-        images, labels = make_shapes(SHAPES_TRAIN_N if train else SHAPES_TRAIN_N // 5, seed=0 if train else 1,
-                                     size=image_size)
+        n = SHAPES_TRAIN_N if train else SHAPES_TRAIN_N // 5
+        images, labels = make_shapes(n, seed=0 if train else 1, size=image_size)
         return Dataset(images, labels, len(SHAPES_CLASSES), list(SHAPES_CLASSES))
     if name.startswith("folder:"):
         return load_image_folder(expand_path(name[len("folder:"):]), image_size)
@@ -1092,13 +1087,13 @@ def load_dataset(name: str, root="data", image_size: int = 32, download: bool = 
     raise DataError(f"--dataset {name!r}: use cifar10 | shapes | folder:PATH")
 
 
-# --- batches ---------------------------------------------------------------------------------------------
+# --- batches -------------------------------------------------------------------------------------------
 # Data order is a pure function of (seed, step, rank), not of any generator state: a resumed run at step
 # s draws exactly the batches an uninterrupted run would, and no loader state needs checkpointing.
 
 
 def _seed_of(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy SeedSequence hashing, so (1, 2) and (2, 1) differ)."""
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence: (1, 2) and (2, 1) differ)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
@@ -1110,12 +1105,11 @@ def _epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def get_batch(data: Dataset, step: int, batch_size: int, seed: int, flip: bool = True, rank: int = 0,
               world_size: int = 1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Batch `step` for process `rank`: (x float32 in [-1, 1] (B, 3, H, W), y int64 (B,) or None).
-    batch_size is the per-rank batch B; the global batch of a step is world_size * B consecutive
-    examples of a fresh random permutation per epoch, and rank r takes the r-th block of B, so
-    world_size ranks together see exactly the batch one process with B * world_size would see.
-    Horizontal flips (prob. 1/2) are drawn per global position from a generator seeded by (seed,
-    step), so they also agree across world sizes."""
+    """Batch `step` for process `rank`: (x float32 in [-1, 1] (B, 3, H, W), y int64 (B,) or None), B the
+    per-rank batch. A step's global batch is world_size * B consecutive examples of a fresh permutation per
+    epoch, rank r taking the r-th block, and flips (prob. 1/2) are drawn per global position from (seed,
+    step): world_size ranks together see exactly the batch one process with B * world_size would see."""
+
     n = len(data.images)
     global_batch = batch_size * world_size
     pos = step * global_batch + rank * batch_size + torch.arange(batch_size)  # positions in the stream
