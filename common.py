@@ -1138,11 +1138,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2, labels=None, class_names=None,
                     scale: int = 1) -> Path:
-    """Write a PNG grid of images (N, C, H, W), float in [-1, 1] or uint8, C = 1 or 3, each enlarged `scale`
-    times by pixel repetition (a 16 px shape is hard to see at 16 px). Without labels: nrow images per row
-    (default ceil(sqrt(N))). With labels (N,): one block of rows per class, in the order they first appear,
-    named on the left by class_names[label] (or the number); each class is one row whenever the largest class
-    has at most ceil(sqrt(N)) images. Returns the path."""
+    """A PNG grid of images (N, 1 or 3, H, W), float in [-1, 1] or uint8, each enlarged `scale` times by
+    pixel repetition. Without labels: nrow images per row (default ceil(sqrt(N))). With labels (N,): one
+    block of rows per class in order of appearance, named by class_names[label] (or the number), one row
+    per class whenever the largest class has at most ceil(sqrt(N)) images."""
     images = torch.as_tensor(images).detach().cpu()
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_image_grid expects (N, 1|3, H, W) images, got {tuple(images.shape)}")
@@ -1155,13 +1154,12 @@ def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2, labe
     else:
         labels = [int(v) for v in labels]
         groups = {c: [i for i in range(n) if labels[i] == c] for c in dict.fromkeys(labels)}
-        biggest = max(map(len, groups.values()))
-        nrow = biggest if biggest <= math.ceil(math.sqrt(n)) else math.ceil(math.sqrt(n))
-        rows = [(str(class_names[c]) if class_names else str(c)) if j == 0 else "" for c in groups
-                for j in range(0, len(groups[c]), nrow)]
-        rows = list(zip(rows, [g[j:j + nrow] for g in groups.values() for j in range(0, len(g), nrow)]))
+        nrow = min(max(map(len, groups.values())), math.ceil(math.sqrt(n)))
+        rows = [((str(class_names[c]) if class_names else str(c)) if j == 0 else "", g[j:j + nrow])
+                for c, g in groups.items() for j in range(0, len(g), nrow)]
     names = [name for name, _ in rows if name]
-    strip = int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n) for n in names)) + 6 if names else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    strip = int(max(measure.textlength(name) for name in names)) + 6 if names else 0
     grid = Image.new("RGB", (strip + nrow * (w + pad) + pad, len(rows) * (h + pad) + pad))
     draw = ImageDraw.Draw(grid)
     for r, (name, idx) in enumerate(rows):
@@ -1169,7 +1167,8 @@ def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2, labe
         if name:
             draw.text((4, top + h // 2), name, fill=(230, 230, 230), anchor="lm")
         for c, i in enumerate(idx):
-            grid.paste(Image.fromarray(images[i].permute(1, 2, 0).numpy()), (strip + pad + c * (w + pad), top))
+            tile = Image.fromarray(images[i].permute(1, 2, 0).numpy())
+            grid.paste(tile, (strip + pad + c * (w + pad), top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -1177,8 +1176,8 @@ def save_image_grid(images, path, nrow: Optional[int] = None, pad: int = 2, labe
 
 
 def save_npz(images: torch.Tensor, labels: Optional[torch.Tensor], path) -> Path:
-    """Samples in the layout of the ADM (guided-diffusion) FID evaluator: arr_0 = uint8 (N, H, W, 3);
-    arr_1 = labels when given (ADM's convention; its evaluator ignores them). images in [-1, 1] (N, 3, H, W)."""
+    """[-1, 1] images (N, 3, H, W) in the layout of the ADM (guided-diffusion) FID evaluator: arr_0 = uint8
+    (N, H, W, 3); arr_1 = labels when given (ADM's convention; its evaluator ignores them)."""
     arrays = [to_uint8(images).permute(0, 2, 3, 1).numpy()]
     if labels is not None:
         arrays.append(labels.cpu().numpy())
@@ -1221,8 +1220,8 @@ _PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor, torch.Size, tor
 
 
 def _check_plain(obj, where: str = "state") -> None:
-    """Refuse at save time what torch.load(weights_only=True) would refuse at load time (e.g. a
-    dataclass or argparse.Namespace: store dataclasses.asdict(cfg) instead)."""
+    """Refuse at save time what torch.load(weights_only=True) would refuse at load time (e.g. a dataclass
+    or argparse.Namespace: store dataclasses.asdict(cfg) instead)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_plain(k, f"{where} key")
@@ -1236,10 +1235,9 @@ def _check_plain(obj, where: str = "state") -> None:
 
 
 def atomic_write(path, write) -> Path:
-    """The one way this project writes a file that must never be seen half-written (checkpoints, replay
-    episodes, indexes, caches): write(f) into a temporary file of the same folder, fsync, then os.replace
-    over `path` (atomic on POSIX and Windows), then fsync the folder so the rename itself is durable. A crash
-    or kill at any moment leaves the old file or the new one, never a torn one. Returns the path."""
+    """The one way this project writes a file that must never be seen half-written (checkpoints, episodes,
+    indexes, caches): write(f) into a temporary file of the same folder, fsync, os.replace over `path`
+    (atomic on POSIX and Windows), fsync the folder. A crash at any moment leaves the old file or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -1287,21 +1285,21 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def torch_load(path, map_location="cpu", want: str = ""):
-    """torch.load(weights_only=True): a file holding pickled code is refused, not run. A missing, corrupt or
-    truncated file raises CheckpointError, its message ending with `want` (what file is expected)."""
+    """torch.load(weights_only=True): a file holding pickled code is refused, not run. A missing, corrupt
+    or truncated file raises CheckpointError, its message ending with `want` (what file is expected)."""
     path, want = Path(path), f"; {want}" if want else ""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}{want}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on damage
-        raise CheckpointError(f"cannot load {path} safely (corrupt, truncated, or holds pickled objects other "
-                              f"than tensors and plain types): {type(e).__name__}: {one_line(e, 160)}{want}") from e
+        raise CheckpointError(f"cannot load {path} safely (corrupt, truncated, or holds pickled objects "
+                              f"other than tensors and plain types): {type(e).__name__}: "
+                              f"{one_line(e, 160)}{want}") from e
 
 
 def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint (common.torch_load) and check state["kind"] == kind.
-    Raises CheckpointError."""
+    """A checkpoint written by save_checkpoint (loaded by torch_load) whose state["kind"] == kind."""
     state = torch_load(path, map_location)
     if not isinstance(state, dict) or "kind" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' entry)")
@@ -1316,7 +1314,8 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -1335,8 +1334,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def make_run_dir(kind: str, name: str, root="runs") -> Path:
-    """Create and return runs/<kind>-<name>-<YYYYmmdd-HHMMSS>/ (with -2, -3... if taken). Call it on the
-    main rank only."""
+    """Create runs/<kind>-<name>-<YYYYmmdd-HHMMSS>/ (-2, -3... if taken) on the main rank only."""
     base = Path(root) / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, i = base, 1
     while True:
@@ -1349,8 +1347,8 @@ def make_run_dir(kind: str, name: str, root="runs") -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per .log() call to run_dir/metrics.jsonl (easy to load with pandas or
-    `[json.loads(l) for l in open(p)]`). Tensors become floats."""
+    """One JSON object per .log() call, appended to run_dir/metrics.jsonl (pandas.read_json(p, lines=True)
+    reads it). Tensors become floats."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -1358,9 +1356,9 @@ class MetricsLog:
 
     def log(self, step: int, **metrics) -> None:
         row = {"step": int(step), "time": round(time.time(), 3)}
-        for k, v in metrics.items():
-            row[k] = v.item() if isinstance(v, torch.Tensor) else v
+        row.update({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()})
         with open(self.path, "a") as f:
+
             f.write(json.dumps(row) + "\n")
 
 
