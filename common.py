@@ -1392,16 +1392,14 @@ class Progress:
 # 9. sample-quality metrics
 # =====================================================================================================
 
-# Offline stand-ins for FID and precision/recall on the synthetic `shapes` data. FID (Heusel et al.,
-# 2017) compares Inception-v3 pool features, whose weights cannot be downloaded here; a small CNN
-# trained on real `shapes` plays Inception's role. Its global-average-pooled last conv layer
-# (SHAPES_FEAT_DIM values, like Inception's 2048-d pool3) is the feature space of
+# Offline stand-ins for FID and precision/recall on the synthetic `shapes` data. FID (Heusel et al., 2017)
+# compares Inception-v3 pool features, whose weights cannot be downloaded here; a small CNN trained on real
+# `shapes` plays Inception's role. Its pooled last conv layer (like Inception's pool3) is the feature space of
 #   - shapes-FD: the FID formula ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)),
 #   - precision / recall of Kynkaanniemi et al. (2019), from k-NN balls around feature vectors,
-# and its logits give the class accuracy of class-conditional samples. Each `shapes` class has its own
-# colour, so the classifier is trained on recoloured images to read the class from the shape; its
-# features are then fairly colour-blind too (N=500 held-out real images: FD 0.26; with R,G,B
-# channels swapped: FD 0.84; blurred: 10; two classes only: 65; uniform noise: 100).
+# and its logits give the class accuracy of class-conditional samples. Trained on recoloured images, it
+# reads the class from the shape, and its features are fairly colour-blind (N=500 held-out real images:
+# FD 0.26; with R,G,B channels swapped: 0.84; blurred: 10; two classes only: 65; uniform noise: 100).
 # FD and the k-NN metrics are biased in the number of samples: compare at the same N and classifier key.
 # For real FID on CIFAR-10, write samples with `--npz` and use the ADM evaluator (see README).
 
@@ -1409,7 +1407,7 @@ SHAPES_CLF_VERSION = 2       # bump when the recipe changes; it enters the cache
 SHAPES_CLF_TRAIN_SEED = 101  # make_shapes seed of the classifier's training images
 SHAPES_CLF_TRAIN_N = 4000    # training images, seen SHAPES_CLF_EPOCHS times
 SHAPES_CLF_EPOCHS = 3
-SHAPES_CLF_GRAY_P = 0.25     # colour augmentation: channel permutation always, grayscale with this probability
+SHAPES_CLF_GRAY_P = 0.25     # colour augmentation: channels always permuted, grayscale with this probability
 SHAPES_CLF_LR = 3e-3         # Adam, decayed linearly to 0
 SHAPES_CLF_BATCH = 128
 SHAPES_REAL_SEED = 202       # held-out make_shapes seed of the real reference set (never trained on)
@@ -1419,10 +1417,9 @@ _SHAPES_MEMO: dict = {}      # in-process cache of the classifier and real featu
 
 
 def shapes_classifier_net(num_classes: int, feat_dim: int = SHAPES_FEAT_DIM) -> nn.Sequential:
-    """Four conv-BN-ReLU layers (32 -> 16 -> 8 -> 4 pixels), global average pool, linear head.
-    Input (N, 3, H, W) float in [-1, 1]; net[:-1](x) -> (N, feat_dim) features, net(x) -> logits.
-    BatchNorm is what makes a few seconds of training enough: without it the same recipe reached 58%
-    held-out accuracy instead of 99.7%."""
+    """Four conv-BN-ReLU layers (32 -> 16 -> 8 -> 4 pixels), global average pool, linear head. x (N, 3, H, W)
+    in [-1, 1]: net[:-1](x) -> (N, feat_dim) features, net(x) -> logits. BatchNorm is what makes the short
+    training enough: without it the same recipe reached 58% held-out accuracy instead of 99.7%."""
     def block(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
     return nn.Sequential(
@@ -1433,8 +1430,8 @@ def shapes_classifier_net(num_classes: int, feat_dim: int = SHAPES_FEAT_DIM) -> 
 
 
 def shapes_cache_key() -> str:
-    """Hash of the recipe and of a few generated images: a change to make_shapes or to the recipe
-    gives a new key (and a new cache file), so a stale classifier is never loaded."""
+    """Hash of the recipe and of a few generated images: a change to either gives a new key (and cache
+    file), so a stale classifier is never loaded."""
     images, labels = make_shapes(16, seed=0, size=32)
     recipe = (SHAPES_CLF_VERSION, SHAPES_CLF_TRAIN_SEED, SHAPES_CLF_TRAIN_N, SHAPES_CLF_EPOCHS,
               SHAPES_CLF_GRAY_P, SHAPES_CLF_LR, SHAPES_CLF_BATCH, SHAPES_FEAT_DIM, len(SHAPES_CLASSES))
@@ -1447,8 +1444,7 @@ def shapes_cache_key() -> str:
 def recolour(x: torch.Tensor, g: torch.Generator, gray_p: float = SHAPES_CLF_GRAY_P) -> torch.Tensor:
     """Colour augmentation of (B, 3, H, W) images: a random RGB permutation per image, and grayscale with
     probability gray_p. Every `shapes` class has its own colour, so without this the classifier learns
-    colour only (measured: 100% on real images, 37% once their channels are permuted, 19% in grayscale)
-    and would call a red blob a circle; with it, the class is read from the shape."""
+    colour only (100% on real images, 37% once their channels are permuted, 19% in grayscale)."""
     perm = torch.rand(len(x), 3, generator=g).argsort(1)                 # (B, 3) channel orders
     x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
     gray = torch.rand(len(x), generator=g) < gray_p
@@ -1456,9 +1452,9 @@ def recolour(x: torch.Tensor, g: torch.Generator, gray_p: float = SHAPES_CLF_GRA
 
 
 def train_shapes_classifier(seed: int = SHAPES_CLF_TRAIN_SEED) -> nn.Sequential:
-    """Train the reference classifier on make_shapes(SHAPES_CLF_TRAIN_N, seed), deterministically.
-    The global RNG is left as it was, so a training loop that evaluates still resumes exactly, and
-    gradients are switched on even when the caller evaluates under no_grad / inference_mode."""
+    """The reference classifier trained on make_shapes(SHAPES_CLF_TRAIN_N, seed), deterministically. The
+    global RNG is left as it was (a training loop that evaluates still resumes exactly), and gradients are
+    on even when the caller evaluates under no_grad / inference_mode."""
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         images, labels = make_shapes(SHAPES_CLF_TRAIN_N, seed=seed, size=32)
         x = images.float() / 127.5 - 1
@@ -1482,9 +1478,8 @@ def train_shapes_classifier(seed: int = SHAPES_CLF_TRAIN_SEED) -> nn.Sequential:
 
 def shapes_classifier(cache_dir: Optional[str] = None) -> nn.Sequential:
     """The reference classifier (eval mode, CPU): from this process's memo, else from
-    cache_dir/shapes_classifier-KEY.pt (a state dict, loaded weights_only), else trained in seconds.
-    Whenever cache_dir is given and lacks the file, the network is written there.
-    With cache_dir=None it is trained once per process."""
+    cache_dir/shapes_classifier-KEY.pt (a state dict, loaded weights_only), else trained (and then written
+    there when cache_dir is given)."""
     key = shapes_cache_key()
     path = Path(cache_dir) / f"shapes_classifier-{key}.pt" if cache_dir is not None else None
     if ("clf", key) not in _SHAPES_MEMO:
@@ -1526,7 +1521,8 @@ def frechet_distance_gaussians(mu1, sigma1, mu2, sigma2) -> float:
     sigma1 sigma2 is not symmetric, but it is similar to M = sigma1^(1/2) sigma2 sigma1^(1/2), which is
     symmetric PSD, so Tr((sigma1 sigma2)^(1/2)) = sum_i sqrt(lambda_i(M)). Two symmetric eigh calls are
     stable even for singular covariances (no scipy sqrtm, no complex parts to discard)."""
-    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(a, dtype=torch.float64)
+                                for a in (mu1, mu2, sigma1, sigma2))
     evals, evecs = torch.linalg.eigh(sigma1)
     sqrt1 = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T  # sigma1^(1/2)
     m = sqrt1 @ sigma2 @ sqrt1
@@ -1536,8 +1532,8 @@ def frechet_distance_gaussians(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance(feats_a, feats_b) -> float:
-    """FID formula on two feature sets (N, D) and (M, D): fit a Gaussian to each (mean, unbiased
-    covariance as in FID's np.cov), then frechet_distance_gaussians."""
+    """The FID formula on feature sets (N, D) and (M, D): Gaussians with the mean and unbiased covariance
+    (as FID's np.cov) of each."""
     a = torch.as_tensor(feats_a, dtype=torch.float64)
     b = torch.as_tensor(feats_b, dtype=torch.float64)
     return frechet_distance_gaussians(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
@@ -1554,14 +1550,15 @@ def _in_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor
 
 
 def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al., 2019). The real manifold is the union of
-    balls around each real feature with radius = distance to its k-th nearest real neighbour;
-    precision = fraction of fake samples inside the real manifold (are samples realistic?),
-    recall = fraction of real samples inside the fake manifold (is the data's variety covered?)."""
+    """Improved precision and recall (Kynkaanniemi et al., 2019). The real manifold is the union of balls
+    around each real feature with radius = distance to its k-th nearest real neighbour; precision = the
+    fraction of fake samples inside it (are samples realistic?), recall = the fraction of real samples
+    inside the fake manifold (is the data's variety covered?)."""
     real = torch.as_tensor(real_feats, dtype=torch.float64)
     fake = torch.as_tensor(fake_feats, dtype=torch.float64)
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision_recall needs more than k={k} samples per set, got {len(real)} and {len(fake)}")
+        raise ValueError(f"precision_recall needs more than k={k} samples per set, "
+                         f"got {len(real)} and {len(fake)}")
     precision = _in_manifold(fake, real, _knn_radii(real, k)).double().mean().item()
     recall = _in_manifold(real, fake, _knn_radii(fake, k)).double().mean().item()
     return precision, recall
@@ -1569,20 +1566,18 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
 
 def evaluate_samples(fake_uint8: torch.Tensor, fake_labels: Optional[torch.Tensor] = None,
                      cache_dir: Optional[str] = None, n_real: Optional[int] = None) -> dict:
-    """Sample quality of generated `shapes` images against n_real (default: as many as the samples)
-    held-out real images: {"shapes_fd", "precision", "recall"} plus "class_acc" when fake_labels (the
-    classes the samples were generated for) is given. A few seconds for N=500 on CPU once the
-    classifier is cached; the global RNG is not touched. Use N in the hundreds: with few samples the
-    k-NN balls in 128-d are huge (random gray images: precision 0.67 at N=30, 0.06 at N=500).
-    Images smaller than 32 px (16, 8) are scored against real images drawn at their own size, both
-    nearest-upsampled to the classifier's 32 px (real 16 px shapes: 96% class accuracy, vs 99% at 32)."""
+    """Sample quality of generated `shapes` images against n_real (default: as many) held-out real images:
+    {"shapes_fd", "precision", "recall"}, plus "class_acc" given the classes the samples were generated
+    for; the global RNG is not touched. Use N in the hundreds: with few samples the k-NN balls in 128-d
+    are huge (random gray images: precision 0.67 at N=30, 0.06 at N=500). 16 and 8 px images are scored
+    against real ones of their size, both nearest-upsampled to 32 px (real 16 px: 96% class accuracy)."""
     size = fake_uint8.shape[-1] if fake_uint8.ndim == 4 else 0
     if (fake_uint8.dtype != torch.uint8 or fake_uint8.ndim != 4 or fake_uint8.shape[1] != 3
             or fake_uint8.shape[2] != size or not 0 < size <= 32 or 32 % size):
-        raise ValueError(f"evaluate_samples expects uint8 (N, 3, S, S) images with S = 32, 16 or 8, got "
-                         f"{fake_uint8.dtype} {tuple(fake_uint8.shape)} (convert with to_uint8)")
+        raise ValueError(f"evaluate_samples expects uint8 (N, 3, S, S) images with S = 32, 16 or 8, "
+                         f"got {fake_uint8.dtype} {tuple(fake_uint8.shape)} (convert with to_uint8)")
     net = shapes_classifier(cache_dir)
-    to32 = lambda x: x.repeat_interleave(32 // size, 2).repeat_interleave(32 // size, 3)  # noqa: E731 nearest
+    to32 = lambda x: x.repeat_interleave(32 // size, 2).repeat_interleave(32 // size, 3)  # noqa: E731
     n_real = len(fake_uint8) if n_real is None else n_real
     real_key = ("real", shapes_cache_key(), n_real, size)
     if real_key not in _SHAPES_MEMO:
@@ -1599,8 +1594,9 @@ def evaluate_samples(fake_uint8: torch.Tensor, fake_labels: Optional[torch.Tenso
 
 
 def format_metrics_table(rows: list) -> str:
-    """A Markdown table (pastes into the README) of a list of dicts; columns in first-seen order,
-    floats to 4 significant digits, missing entries blank."""
+    """A Markdown table of a list of dicts: columns in first-seen order, floats to 4 significant digits,
+    missing entries blank."""
+
     columns = list(dict.fromkeys(key for row in rows for key in row))
     def cell(v):
         return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
