@@ -1609,11 +1609,10 @@ def format_metrics_table(rows: list) -> str:
 # 10. diffusion runs: the training loss, run folders, sampling and evaluation commands of ddpm.py and dit.py
 # =====================================================================================================
 
-# Both scripts train a network net(x_t, t, y) on the discrete VP process and share what surrounds it. Their
-# configs use the same field names for the same things (dataset, img_size, seed, steps, batch_size,
-# label_dropout, schedule, timesteps, beta_start, beta_end, pred, sample_*, eval_*), which the code below reads.
+# Both scripts train a network net(x_t, t, y) on the discrete VP process and share what surrounds it,
+# reading the fields of RunConfig, which both configs inherit.
 
-SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings = the sample command's defaults
+SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings: sample's defaults
 
 
 def _field(default, help: str):
@@ -1622,8 +1621,8 @@ def _field(default, help: str):
 
 @dataclasses.dataclass
 class RunConfig:
-    """The fields ddpm.py and dit.py share, each with one meaning in both (each script's config inherits them, adds
-    its network's fields and sets its own defaults)."""
+    """The fields ddpm.py and dit.py share, with one meaning in both (each script's config adds its network's
+    fields and sets its own defaults)."""
     # data
     dataset: str = _field("cifar10", "cifar10 | shapes | folder:PATH")
     data_root: str = _field("data", "where datasets are downloaded / cached")
@@ -1660,13 +1659,13 @@ class RunConfig:
 
 
 def check_run_config(cfg, guidance_ok: bool) -> None:
-    """The checks of the fields ddpm.py and dit.py share (a ValueError naming the flag, before any work);
-    guidance_ok: the model is trained with a null label, so its grids may use --sample-guidance."""
+    """The checks of the RunConfig fields; guidance_ok: the model is trained with a null label, so its
+    grids may use --sample-guidance."""
     if not (cfg.dataset in ("cifar10", "shapes") or cfg.dataset.startswith("folder:")):
         raise ValueError(f"--dataset {cfg.dataset!r} is unknown; use cifar10, shapes or folder:PATH")
-    check_ranges(cfg, positive=("img_size", "timesteps", "batch_size", "lr", "log_every", "ckpt_every", "sample_n",
-                                "sample_steps", "eval_n"), non_negative=("sample_every", "eval_every"),
-                 unit=("ema_decay",), rate=("label_dropout",))
+    check_ranges(cfg, positive=("img_size", "timesteps", "batch_size", "lr", "log_every", "ckpt_every",
+                                "sample_n", "sample_steps", "eval_n"),
+                 non_negative=("sample_every", "eval_every"), unit=("ema_decay",), rate=("label_dropout",))
     if cfg.schedule not in ("linear", "cosine"):
         raise ValueError(f"--schedule {cfg.schedule!r}: use linear or cosine")
     if cfg.schedule == "linear":
@@ -1676,16 +1675,16 @@ def check_run_config(cfg, guidance_ok: bool) -> None:
     if cfg.sample_sampler not in SAMPLERS:
         raise ValueError(f"--sample-sampler {cfg.sample_sampler!r}: use one of {', '.join(SAMPLERS)}")
     if cfg.sample_guidance and not guidance_ok:
-        raise ValueError(f"--sample-guidance {cfg.sample_guidance} needs the null label of a class-conditional model "
-                         "trained with --label-dropout > 0; add --sample-guidance 0")
+        raise ValueError(f"--sample-guidance {cfg.sample_guidance} needs the null label of a "
+                         "class-conditional model trained with --label-dropout > 0; add --sample-guidance 0")
     if cfg.eval_every:
         check_evaluable(cfg.dataset, cfg.img_size, cfg.eval_n, "--eval-every", "--eval-n")
 
 
 def parse_train_args(argv, prog: str, description: str, base_config, check, presets: dict):
-    """The train command line: one flag per config field, defaulting to base_config(pre-read flags) (the --preset's
-    values, or with --resume the run's saved config, so flags given now change only what they name). --epochs
-    given without --steps decides the length (a preset's step count would silently win otherwise)."""
+    """The train command line: one flag per config field, defaulting to base_config(pre-read flags) (the
+    --preset's values, or with --resume the run's saved config, so flags given now change only what they
+    name). --epochs without --steps decides the length (a preset's step count would silently win)."""
     pre = ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--resume")
@@ -1705,29 +1704,29 @@ def parse_train_args(argv, prog: str, description: str, base_config, check, pres
         cfg = dataclasses.replace(cfg, steps=0)
     if cfg.dataset.lower() in ("cifar10", "shapes"):  # folder paths keep their case
         cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower())
-    if cfg.dataset.startswith("folder:"):  # recorded as the absolute path, so a resume finds it from anywhere
+    if cfg.dataset.startswith("folder:"):  # recorded absolute, so a resume finds it from anywhere
         cfg = dataclasses.replace(cfg, dataset="folder:" + str(expand_path(cfg.dataset[7:]).absolute()))
     check(cfg)
     return cfg, known.resume
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """The randomness of one training step (t, noise, label dropout; dropout through the re-seeded global RNG) is a
-    pure function of (seed, step, rank), like the data order of get_batch: a resumed run repeats an uninterrupted
-    one exactly, and every DDP rank draws its own noise."""
+    """The randomness of one training step (t, noise, label dropout; dropout through the re-seeded global
+    RNG) as a function of (seed, step, rank), like get_batch's data order: a resumed run repeats an
+    uninterrupted one exactly, and every DDP rank draws its own noise."""
     key = _seed_of(seed, 2, step, rank)
     torch.manual_seed(key)
     return torch.Generator(device=device).manual_seed(key)
 
 
-def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optional[torch.Tensor] = None, *,
-                   null_label: Optional[int] = None, label_dropout: float = 0.0, pred: str = "eps",
+def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optional[torch.Tensor] = None,
+                   *, null_label: Optional[int] = None, label_dropout: float = 0.0, pred: str = "eps",
                    generator: Optional[torch.Generator] = None):
-    """L_simple (Ho et al. 2020, eq. 14) per sample: t ~ U{0..T-1}, eps ~ N(0, I),
-    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, and the mean over pixels of (target - out)^2 with out the first C
-    channels of net(x_t, t, y) and target eps, x0 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022).
-    Label dropout: y -> null_label with probability label_dropout, training the unconditional model of CFG.
-    x0 (B, C, H, W). Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
+    """L_simple (Ho et al. 2020, eq. 14) per sample: t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x0 +
+    sqrt(1 - a_t) eps, and the mean over pixels of (target - out)^2, out the first C channels of
+    net(x_t, t, y), target eps, x0 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022). Label
+    dropout (y -> null_label) trains CFG's unconditional model. x0 (B, C, H, W).
+    Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
     B, C = x0.shape[:2]
     t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
@@ -1745,7 +1744,7 @@ def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optio
 
 @dataclasses.dataclass
 class DiffusionNet:
-    """A trained network as sampling and evaluation see it (each script builds one from its model and config)."""
+    """A trained network as sampling and evaluation see it (each script builds one from its model)."""
     net: nn.Module                   # net(x_t (B, C, H, W), t (B,), y (B,) or None) -> (B, C or 2C, H, W)
     alphas_cumprod: torch.Tensor     # (T,) float64 table of its training schedule
     img_size: int
@@ -1763,7 +1762,7 @@ class DiffusionNet:
 
 
 def balanced_labels(n: int, num_classes: int, cls: Optional[int] = None) -> Optional[torch.Tensor]:
-    """(n,) labels sorted by class, each class n // K or n // K + 1 times (the first classes get the extra ones);
+    """(n,) labels sorted by class, each n // K or n // K + 1 times (the first classes get the extra ones);
     all `cls` when given; None for an unconditional model."""
     if not num_classes:
         return None
@@ -1771,25 +1770,27 @@ def balanced_labels(n: int, num_classes: int, cls: Optional[int] = None) -> Opti
 
 
 def settings_of(model: DiffusionNet, **given) -> dict:
-    """The sampler settings to use: each given value, or (None) the run's own from model.defaults."""
-    return {k: given.get(k) if given.get(k) is not None else model.defaults.get(k) for k in SAMPLE_SETTINGS}
+    """The sampler settings to use: each given value, or (None) the run's own from model.defaults.
+    Guidance needs the model's null label."""
+    opts = {k: given.get(k) if given.get(k) is not None else model.defaults.get(k) for k in SAMPLE_SETTINGS}
+    if opts["guidance"] and model.null_label is None:
+        raise ValueError("--guidance needs a class-conditional model trained with label dropout "
+                         "(a null label)")
+    return opts
 
 
 @torch.no_grad()
-def sample_images(model: DiffusionNet, n: int, labels: Optional[torch.Tensor] = None, *, sampler=None, steps=None,
-                  guidance=None, clip=None, eta: float = 0.0, variance: Optional[str] = None,
+def sample_images(model: DiffusionNet, n: int, labels: Optional[torch.Tensor] = None, *, sampler=None,
+                  steps=None, guidance=None, clip=None, eta: float = 0.0, variance: Optional[str] = None,
                   generator: Optional[torch.Generator] = None, batch_size: int = 256):
     """n images (n, C, H, W) in [-1, 1] on the CPU, their labels (balanced_labels by default; None when
-    unconditional) and the network calls. Settings left at None are the run's own (model.defaults), so Python,
+    unconditional) and the network calls. Settings left at None are the run's own (settings_of), so Python,
     the sample command and the evaluate command draw the same pictures by default."""
     opts = settings_of(model, sampler=sampler, steps=steps, guidance=guidance, clip=clip)
-    if opts["guidance"] and model.null_label is None:
-        raise ValueError("--guidance needs a class-conditional model trained with label dropout (a null label)")
     labels = balanced_labels(n, model.num_classes) if labels is None and model.num_classes else labels
     if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
         raise ValueError(f"--class must be in 0..{model.num_classes - 1}, got {labels.unique().tolist()}")
     extra = {"variance": variance} if variance is not None else {}
-    extra.update(eta=eta) if opts["sampler"] == "ddim" else None
     was_training = model.net.training
     model.net.eval()
     xs, nfe, device = [], 0, model.device
@@ -1798,10 +1799,12 @@ def sample_images(model: DiffusionNet, n: int, labels: Optional[torch.Tensor] = 
         noise = torch.randn((m, model.in_channels, model.img_size, model.img_size), generator=generator,
                             device=device)
         y = labels[i:i + m].to(device) if labels is not None else None
-        y_null = torch.full_like(y, model.null_label) if y is not None and model.null_label is not None else None
+        has_null = y is not None and model.null_label is not None
+        y_null = torch.full_like(y, model.null_label) if has_null else None
         x, k = sample(model.net, noise, model.alphas_cumprod, sampler=opts["sampler"], steps=opts["steps"],
                       pred=model.pred, y=y, y_null=y_null, guidance=opts["guidance"], generator=generator,
-                      learned_sigma=model.learned_sigma, clip=opts["clip"], **extra)
+                      learned_sigma=model.learned_sigma, clip=opts["clip"],
+                      eta=eta if opts["sampler"] == "ddim" else 0.0, **extra)
         xs.append(x.cpu())
         nfe += k
     model.net.train(was_training)
@@ -1813,11 +1816,14 @@ def describe_settings(opts: dict) -> str:
             f"clip {'on' if opts['clip'] else 'off'}")
 
 
-def save_samples(model: DiffusionNet, path, n: int, seed: int, cls: Optional[int] = None, **settings) -> Path:
-    """The picture of a run: n samples, one block of rows per class (named), upscaled to >= 64 px tiles."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    x, y, _ = sample_images(model, n, balanced_labels(n, model.num_classes, cls), generator=g, **settings)
-    return save_image_grid(x, path, labels=y, class_names=model.class_names, scale=max(1, 64 // model.img_size))
+def save_samples(model: DiffusionNet, path, n: int, generator: torch.Generator, cls: Optional[int] = None,
+                 **settings) -> int:
+    """The picture of a run: n samples, one block of rows per class (named), upscaled to >= 64 px tiles.
+    Returns the network calls."""
+    x, y, nfe = sample_images(model, n, balanced_labels(n, model.num_classes, cls), generator=generator,
+                              **settings)
+    save_image_grid(x, path, labels=y, class_names=model.class_names, scale=max(1, 64 // model.img_size))
+    return nfe
 
 
 def evaluate_model(model: DiffusionNet, n: int, seed: int, cache_dir="data", batch_size: int = 250,
@@ -1828,13 +1834,14 @@ def evaluate_model(model: DiffusionNet, n: int, seed: int, cache_dir="data", bat
     return evaluate_samples(to_uint8(x), y, cache_dir)
 
 
-def check_evaluable(dataset: str, img_size: int, n: int, what: str = "evaluate", flag_name: str = "--n") -> None:
-    """Before any sampling: evaluation scores `shapes` images of 8, 16 or 32 px, with more samples than the
-    k = 3 nearest neighbours of precision/recall."""
+def check_evaluable(dataset: str, img_size: int, n: int, what: str = "evaluate",
+                    flag_name: str = "--n") -> None:
+    """Before any sampling: evaluation scores `shapes` images of 8, 16 or 32 px, with more samples than
+    the k = 3 nearest neighbours of precision/recall."""
     if dataset != "shapes" or img_size not in (8, 16, 32):
-        raise ValueError(f"{what} scores samples with the shapes classifier: it needs a model trained on --dataset "
-                         "shapes at --img-size 32, 16 or 8 (for CIFAR-10 FID write samples with --npz and use the "
-                         "ADM evaluator)")
+        raise ValueError(f"{what} scores samples with the shapes classifier: it needs a model trained on "
+                         "--dataset shapes at --img-size 32, 16 or 8 (for CIFAR-10 FID write samples with "
+                         "--npz and use the ADM evaluator)")
     if n < 10:
         raise ValueError(f"{flag_name} {n}: {what} needs at least 10 samples (k-NN precision/recall, FD)")
 
@@ -1852,8 +1859,8 @@ def config_from_dict(cls, saved: dict, aliases: Optional[dict] = None):
 
 
 def load_run(path, kind: str, config_of, build, view, device="cpu", use_ema: bool = True):
-    """A run of ddpm.py or dit.py (its folder or ckpt.pt) -> (view of the network with the EMA (or raw) weights,
-    config, checkpoint). config_of(ckpt) -> config; build(cfg, num_classes) -> network; view(net, cfg, names)."""
+    """A run (its folder or ckpt.pt) -> (view of the network with the EMA (or raw) weights, config,
+    checkpoint). config_of(ckpt) -> config; build(cfg, num_classes) -> network; view(net, cfg, names)."""
     ckpt = load_checkpoint(checkpoint_file(path), kind)
     cfg = config_of(ckpt)
     net = build(cfg, ckpt["num_classes"])
@@ -1862,21 +1869,23 @@ def load_run(path, kind: str, config_of, build, view, device="cpu", use_ema: boo
 
 
 class Run:
-    """What a training loop of ddpm.py or dit.py does around its steps: the run folder (new, or the one it resumes,
-    shared over DDP ranks), config.json, progress lines, metrics.jsonl, and the gated grids, evaluations and
+    """What a training loop does around its steps: the run folder (new, or the one it resumes, shared over
+    DDP ranks), config.json, progress lines, metrics.jsonl, and the gated grids, evaluations and
     checkpoints. `save_state(step)` -> the checkpoint dict; `model_view()` -> the EMA DiffusionNet."""
 
-    def __init__(self, kind: str, cfg, total: int, dist: Dist, resume: Optional[str], load_config, model_fields):
+    def __init__(self, kind: str, cfg, total: int, dist: Dist, resume: Optional[str], load_config,
+                 model_fields):
         self.kind, self.cfg, self.total, self.dist = kind, cfg, total, dist
         self.ckpt, self.start = None, 0
         if cfg.batch_size % dist.world_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} DDP ranks")
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} "
+                             "DDP ranks")
         if resume:
             self.dir = run_folder(resume)
             self.ckpt = load_checkpoint(checkpoint_file(resume), kind)
             saved, self.start = load_config(self.ckpt), self.ckpt["step"]
-            diff = [f"{flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)" for k in model_fields
-                    if getattr(saved, k) != getattr(cfg, k)]
+            diff = [f"{flag(k)} {getattr(saved, k)} (checkpoint) vs {getattr(cfg, k)} (now)"
+                    for k in model_fields if getattr(saved, k) != getattr(cfg, k)]
             if diff:
                 raise CheckpointError("--resume: the run was trained with another model: " + "; ".join(diff))
             if total <= self.start:
@@ -1906,12 +1915,14 @@ class Run:
                 self.log.log(step=done, **metrics)
         if not self.dist.is_main:
             return
-        if cfg.eval_every and done % cfg.eval_every == 0:  # shapes only (checked by check_config)
+        if cfg.eval_every and done % cfg.eval_every == 0:  # shapes only (checked by check_run_config)
             res = evaluate_model(model_view(), cfg.eval_n, cfg.seed, cfg.data_root)
             self.log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
             print(f"step {done} eval: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         if (cfg.sample_every and done % cfg.sample_every == 0) or last:
-            save_samples(model_view(), self.dir / f"samples_{done:07d}.png", cfg.sample_n, cfg.seed)
+            model = model_view()
+            g = torch.Generator(device=model.device).manual_seed(cfg.seed)
+            save_samples(model, self.dir / f"samples_{done:07d}.png", cfg.sample_n, g)
         if done % cfg.ckpt_every == 0 or last:
             save_checkpoint(self.dir / "ckpt.pt", save_state(done))
         if last:
@@ -1919,8 +1930,8 @@ class Run:
 
 
 def sample_parser(prog: str, sources: dict) -> ArgumentParser:
-    """The flags of the sample and evaluate commands. sources: {flag: help} of the required, mutually exclusive
-    ways to name the model (--ckpt, ...). Sampler settings default to None: the run's own grid settings."""
+    """The flags of the sample and evaluate commands. sources: {flag: help} of the required, mutually
+    exclusive ways to name the model (--ckpt, ...). Sampler settings default to None: the run's own."""
     p = ArgumentParser(prog=prog, description="Sampler settings default to the run's own grid settings "
                                               "(stored in its checkpoint); flags override them.")
     group = p.add_mutually_exclusive_group(required=True)
@@ -1934,9 +1945,10 @@ def sample_parser(prog: str, sources: dict) -> ArgumentParser:
                    help="clamp every predicted x0 to [-1, 1] (default: the run's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default=None, choices=("small", "large", "learned"),
-                   help="ddpm sampler: sigma^2 = beta_tilde (small), beta (large) or the model's own (learned); "
-                        "default: learned for --learn-sigma models, else large")
-    p.add_argument("--class", dest="cls", default=None, help="draw only this class (a number or a class name)")
+                   help="ddpm sampler: sigma^2 = beta_tilde (small), beta (large) or the model's own "
+                        "(learned); default: learned for --learn-sigma models, else large")
+    p.add_argument("--class", dest="cls", default=None,
+                   help="draw only this class (a number or a class name)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the sampler's noise")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampler call")
@@ -1955,9 +1967,8 @@ def parse_class(cls: Optional[str], model: DiffusionNet) -> Optional[int]:
         return names.index(cls)
     if not cls.lstrip("-").isdigit() or not 0 <= int(cls) < model.num_classes:
         close = difflib.get_close_matches(cls, names, n=3)
-        raise ValueError(f"--class {cls!r}: use 0..{model.num_classes - 1} or a class name"
-                         + (f" (did you mean {', '.join(close)}?)" if close else f": {', '.join(names)}"
-                            if names else ""))
+        hint = f" (did you mean {', '.join(close)}?)" if close else f": {', '.join(names)}" if names else ""
+        raise ValueError(f"--class {cls!r}: use 0..{model.num_classes - 1} or a class name" + hint)
     return int(cls)
 
 
@@ -1969,14 +1980,12 @@ def checked_settings(args, model: DiffusionNet) -> dict:
         raise ValueError(f"--steps must be positive, got {opts['steps']}")
     if args.variance == "learned" and not model.learned_sigma:
         raise ValueError("--variance learned needs a model trained with --learn-sigma")
-    if opts["guidance"] and model.null_label is None:
-        raise ValueError("--guidance needs a class-conditional model trained with label dropout (a null label)")
     return dict(opts, eta=args.eta, variance=args.variance)
 
 
 def sample_command(args, load) -> None:
-    """`sample`: a grid of --n images (one block of rows per class) and optionally --npz samples.
-    load(args) -> (DiffusionNet, run folder or None, step, dataset)."""
+    """`sample`: a grid of --n images and optionally --npz samples. load(args) -> (DiffusionNet, run folder
+    or None, step, dataset)."""
     check_ranges(args, positive=("n", "batch_size"), non_negative=("npz",))
     if args.out is not None:
         check_image_path(args.out)
@@ -1986,20 +1995,18 @@ def sample_command(args, load) -> None:
     print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
     g = torch.Generator(device=model.device).manual_seed(args.seed)
     t0, existed = time.time(), out.exists()
-    x, y, nfe = sample_images(model, args.n, balanced_labels(args.n, model.num_classes, cls), generator=g,
-                              batch_size=args.batch_size, **opts)
-    save_image_grid(x, out, labels=y, class_names=model.class_names, scale=max(1, 64 // model.img_size))
+    nfe = save_samples(model, out, args.n, g, cls, batch_size=args.batch_size, **opts)
     print(f"{args.n} samples, {nfe} network calls, {time.time() - t0:.1f} s -> {out}"
           + (" (replaced the file that was there)" if existed else ""))
     if args.npz:
-        x, y, _ = sample_images(model, args.npz, balanced_labels(args.npz, model.num_classes, cls), generator=g,
-                                batch_size=args.batch_size, **opts)
+        x, y, _ = sample_images(model, args.npz, balanced_labels(args.npz, model.num_classes, cls),
+                                generator=g, batch_size=args.batch_size, **opts)
         path = save_npz(x, y, out.with_suffix(".npz"))
         print(f"{args.npz} samples -> {path} (arr_0 uint8 (N, H, W, 3), arr_1 labels if conditional)")
 
 
 def evaluate_command(args, load) -> dict:
-    """`evaluate`: score --n samples against real `shapes`; print a table; append it to the run's metrics.jsonl."""
+    """`evaluate`: score --n samples against real `shapes`, print a table, append it to metrics.jsonl."""
     check_ranges(args, positive=("n", "batch_size"))
     if args.cls is not None:
         raise ValueError("evaluate scores all classes; drop --class")
@@ -2018,13 +2025,15 @@ def evaluate_command(args, load) -> dict:
 
 
 def diffusion_commands(prog: str, what: str, train, sources: dict, load) -> dict:
-    """The sub-commands of ddpm.py and dit.py for common.dispatch: train (the script's own), sample, evaluate.
-    sources: the flags naming a model (see sample_parser); load(args) -> (DiffusionNet, run folder, step, dataset)."""
+    """The sub-commands of ddpm.py and dit.py for dispatch: train (the script's own), sample, evaluate.
+    sources: the flags naming a model (see sample_parser); load: see sample_command."""
     def sample(argv):
         p = sample_parser(f"{prog} sample", sources)
         p.add_argument("--n", type=int, default=64, help="images in the grid (one block of rows per class)")
         p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
-        p.add_argument("--npz", type=int, default=0, help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
+        p.add_argument("--npz", type=int, default=0,
+                       help="also write N samples as uint8 NHWC arr_0 (ADM layout)")
+
         sample_command(p.parse_args(argv), load)
 
     def evaluate(argv):
