@@ -50,8 +50,7 @@ from PIL import Image, ImageDraw
 
 
 def _scalar_parser(hint, default):
-    """The argparse `type` of one value: from the hint (Optional[X] -> X, and 'none' gives None), else from
-    the default's type."""
+    """The argparse `type` of one value: the hint's (Optional[X] -> X; 'none' gives None) or the default's."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional:
@@ -143,9 +142,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def dispatch(argv, prog: str, commands: dict, default: str = "train"):
-    """Run the sub-command named by argv[0] (`default` when there is none). commands: {name:
-    (function(argv), one-line help)}. An unknown command ends with the closest names; `prog --help` lists
-    the commands first."""
+    """Run the sub-command argv[0] (else `default`) of commands {name: (function(argv), one-line help)};
+    an unknown one ends with the closest names, and `prog --help` lists them first."""
     argv = list(argv)
     if argv and argv[0] in commands:
         name = argv.pop(0)
@@ -235,19 +233,16 @@ def cosine_betas(T: int = 1000, s: float = COSINE_S, max_beta: float = MAX_BETA)
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
-def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
-    """(T,) float64 alpha-bar_t = prod_{s<=t} (1 - beta_s)."""
-    return torch.cumprod(1 - betas.to(torch.float64), dim=0)
-
-
 def make_alphas_cumprod(schedule: str = "linear", T: int = 1000, beta_start: float = 1e-4,
                         beta_end: float = 0.02) -> torch.Tensor:
-    """(T,) float64 alpha-bar table for --schedule linear|cosine (beta_start/beta_end: linear only)."""
+    """(T,) float64 alpha-bar_t = prod_{s<=t} (1 - beta_s) for --schedule linear|cosine."""
     if schedule == "linear":
-        return alphas_cumprod(linear_betas(T, beta_start, beta_end))
-    if schedule == "cosine":
-        return alphas_cumprod(cosine_betas(T))
-    raise ValueError(f"--schedule {schedule!r}: use 'linear' or 'cosine'")
+        betas = linear_betas(T, beta_start, beta_end)
+    elif schedule == "cosine":
+        betas = cosine_betas(T)
+    else:
+        raise ValueError(f"--schedule {schedule!r}: use 'linear' or 'cosine'")
+    return torch.cumprod(1 - betas, dim=0)
 
 
 # =====================================================================================================
@@ -694,9 +689,8 @@ class Dist:
 
 
 def setup_ddp(device: str = "auto") -> Dist:
-    """Join the process group started by `torchrun` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): NCCL with one GPU per process, else gloo on CPU. Outside torchrun: world_size 1, no
-    process group, device = pick_device(device)."""
+    """Join the process group that `torchrun` sets up in the environment: NCCL with one GPU per process,
+    else gloo on CPU. Outside torchrun: world_size 1, no process group, device = pick_device(device)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist(device=pick_device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -736,8 +730,7 @@ def all_reduce_mean(value: float, dist: Dist) -> float:
 
 
 def fused_adam(device) -> dict:
-    """{"fused": True} where torch has the fused Adam/AdamW kernel (CUDA, CPU): one pass over all parameters
-    instead of a dozen foreach passes, the same update rule."""
+    """{"fused": True} where torch has the fused Adam/AdamW kernel (CUDA, CPU): the same update, one pass."""
     return {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
 
 
@@ -942,15 +935,6 @@ def safe_extract(archive, dest) -> dict:
                         "delete it and download it again") from e
 
 
-def _numpy_reconstruct():
-    """numpy's array-rebuilding function: numpy._core in numpy >= 2, numpy.core before."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals a CIFAR-10 batch references: numpy's _reconstruct (Python 2 pickles name
     numpy.core, numpy 2 pickles numpy._core), ndarray and dtype. Anything else (os.system, builtins.eval,
@@ -958,7 +942,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _numpy_reconstruct()
+            try:  # numpy's array-rebuilding function
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+
         if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
             return getattr(np, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
@@ -1347,8 +1336,7 @@ def make_run_dir(kind: str, name: str, root="runs") -> Path:
 
 
 class MetricsLog:
-    """One JSON object per .log() call, appended to run_dir/metrics.jsonl (pandas.read_json(p, lines=True)
-    reads it). Tensors become floats."""
+    """Appends one JSON object per .log() call to run_dir/metrics.jsonl; tensors become floats."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -1477,9 +1465,8 @@ def train_shapes_classifier(seed: int = SHAPES_CLF_TRAIN_SEED) -> nn.Sequential:
 
 
 def shapes_classifier(cache_dir: Optional[str] = None) -> nn.Sequential:
-    """The reference classifier (eval mode, CPU): from this process's memo, else from
-    cache_dir/shapes_classifier-KEY.pt (a state dict, loaded weights_only), else trained (and then written
-    there when cache_dir is given)."""
+    """The reference classifier (eval mode, CPU): memoised, else loaded weights_only from
+    cache_dir/shapes_classifier-KEY.pt, else trained (and then written there when cache_dir is given)."""
     key = shapes_cache_key()
     path = Path(cache_dir) / f"shapes_classifier-{key}.pt" if cache_dir is not None else None
     if ("clf", key) not in _SHAPES_MEMO:
@@ -1594,8 +1581,7 @@ def evaluate_samples(fake_uint8: torch.Tensor, fake_labels: Optional[torch.Tenso
 
 
 def format_metrics_table(rows: list) -> str:
-    """A Markdown table of a list of dicts: columns in first-seen order, floats to 4 significant digits,
-    missing entries blank."""
+    """A Markdown table of dicts: columns in first-seen order, floats to 4 significant digits."""
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     def cell(v):
@@ -1905,9 +1891,8 @@ class Run:
             atomic_write(self.dir / "config.json", lambda f: f.write(text.encode()))
 
     def after_step(self, done: int, metrics: dict, save_state, model_view) -> None:
-        """Log every log_every steps (and at the end), grid every sample_every, evaluate every eval_every,
-        checkpoint every ckpt_every and at the end; the final grid after the last step."""
         cfg, last = self.cfg, done == self.total
+
         if done % cfg.log_every == 0 or last:
             metrics["loss"] = all_reduce_mean(metrics["loss"], self.dist)  # a collective: every rank calls it
             if self.dist.is_main:
