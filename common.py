@@ -1756,6 +1756,11 @@ def parse_train_args(argv, prog: str, description: str, base_config, check, pres
     return cfg, known.resume
 
 
+def device_table(table: torch.Tensor, device) -> torch.Tensor:
+    """A float64 schedule table on the training device (on the CPU for MPS, which has no float64)."""
+    return table.to(device) if torch.device(device).type != "mps" else table.cpu()
+
+
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """The randomness of one training step (t, noise, label dropout; dropout through the re-seeded global RNG) is a
     pure function of (seed, step, rank), like the data order of get_batch: a resumed run repeats an uninterrupted
@@ -1772,15 +1777,15 @@ def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optio
     x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, and the mean over pixels of (target - out)^2 with out the first C
     channels of net(x_t, t, y) and target eps, x0 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022).
     Label dropout: y -> null_label with probability label_dropout, training the unconditional model of CFG.
-    x0 (B, C, H, W). Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
+    x0 (B, C, H, W); alphas_cumprod (T,) float64, on x0's device to spare a host sync per step (device_table).
+    Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
     B, C = x0.shape[:2]
     t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     if y is not None and label_dropout > 0:
         drop = torch.rand(B, device=x0.device, generator=generator) < label_dropout
         y = torch.where(drop, torch.full_like(y, null_label), y)
-    # gathered from float64 tables, then cast (as the official code); t.cpu() because MPS has no float64
-    abar = alphas_cumprod.cpu()[t.cpu()]
+    abar = alphas_cumprod[t.to(alphas_cumprod.device)]  # gathered from the float64 table, then cast (as official)
     a, s = (append_dims(v.to(x0.device, x0.dtype), 4) for v in (abar.sqrt(), (1 - abar).sqrt()))
     x_t = a * x0 + s * eps
     out = net(x_t, t, y).float()

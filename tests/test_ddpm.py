@@ -326,7 +326,8 @@ def test_loss_decreases_on_shapes():
     losses = []
     for step in range(60):
         x, _ = common.get_batch(data, step, cfg.batch_size, seed=0)
-        losses.append(ddpm.train_step(net, opt, x, None, cfg, step, torch.Generator().manual_seed(step))["loss"])
+        g = torch.Generator().manual_seed(step)
+        losses.append(ddpm.train_step(net, opt, x, None, cfg, step, g, ddpm.alphas_cumprod(cfg))["loss"])
     first, last = np.mean(losses[1:6]), np.mean(losses[-10:])
     assert last < 0.5 * first, (first, last)
 
