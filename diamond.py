@@ -5,17 +5,18 @@ model of the next frame given the last 4 frames and actions (plus a reward/end m
 is trained purely on imagined rollouts sampled from it. Networks carry the official eloialonso/diamond
 parameter names, so its published Atari agents load (`--from-official`).
 
-    python diamond.py --game Breakout-v5 --preset tiny           # the whole loop on 2 CPU cores, minutes
-    python diamond.py --preset tiny --num-epochs 1 --initial-collection-steps 300 --initial-collection-max 300 \
-        --denoiser-steps-first-epoch 10 --rew-end-steps-first-epoch 10 --actor-critic-steps-first-epoch 3 \
-        --final-eval-episodes 2 --eval-max-steps 200                # CPU smoke run of every stage: ~25 s
+    python diamond.py --preset smoke                             # CPU smoke run of every stage, under a minute
+    python diamond.py --game Breakout-v5 --preset tiny           # the whole loop on a few CPU cores
     python diamond.py --game Breakout-v5 --preset large          # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
     python diamond.py --resume runs/diamond-Breakout-...         # continue after a kill
     python diamond.py --resume runs/diamond-Breakout-... --num-epochs 2000   # train longer
-    python diamond.py eval --ckpt RUN/ckpt.pt --episodes 10 --compare-random [--gif play.gif]
+    python diamond.py eval --ckpt RUN --episodes 10 --compare-random [--gif play.gif]
     python diamond.py eval --from-official Breakout.pt --game Breakout-v5
-    python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif
+    python diamond.py dream --ckpt RUN --steps 100               # RUN/dream.gif: the real game beside the dream
+
+A run folder holds ckpt.pt, dataset/ (every real step), metrics.jsonl and curves.png (evaluation return against
+real steps with the random policy's level, and the three losses), redrawn at each evaluation.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import common
 
@@ -43,11 +44,13 @@ import common
 # config
 # =====================================================================================================
 
-# Presets scale networks and step counts; each lists only what differs from `large`, the paper's
-# configuration (the dataclass defaults below = official config/{trainer,agent/default}.yaml).
+# Presets scale networks and schedules; each lists only what differs from `large`, the paper's configuration
+# (official config/{trainer,agent/default}.yaml), whose values stand in the fields below. A field that a preset
+# sets is declared with _p: its default None means "the preset's value", so an explicit value always wins,
+# also one equal to large's (DiamondConfig(preset="tiny", obs_size=64)).
 PRESETS: dict[str, dict] = {
     "large": {},
-    # one consumer GPU (~8 GB), a few hours: half-width world model, fewer updates per epoch
+    # one consumer GPU (~8 GB): half-width world model, fewer updates per epoch
     "medium": dict(diffusion_channels=[48, 48, 48, 48], diffusion_cond_dim=192, rew_end_lstm_dim=256,
                    actor_critic_lstm_dim=256, denoiser_steps_first_epoch=4000, rew_end_steps_first_epoch=4000,
                    actor_critic_steps_first_epoch=2000, denoiser_steps_per_epoch=200, rew_end_steps_per_epoch=200,
@@ -56,11 +59,12 @@ PRESETS: dict[str, dict] = {
     "small": dict(diffusion_channels=[32, 32, 32, 32], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=128,
                   rew_end_channels=[16, 16, 16, 16], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=64,
                   rew_end_lstm_dim=128, actor_critic_channels=[16, 16, 32, 32], actor_critic_lstm_dim=128,
-                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000, env_steps_per_epoch=200,
-                  num_epochs=300, denoiser_steps_first_epoch=1000, rew_end_steps_first_epoch=1000,
-                  actor_critic_steps_first_epoch=300, denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100,
-                  actor_critic_steps_per_epoch=50, imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
-    # the whole loop on 2 CPU cores in a few minutes (make demo): 32x32 frames, 8-channel nets
+                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000,
+                  env_steps_per_epoch=200, num_epochs=300, denoiser_steps_first_epoch=1000,
+                  rew_end_steps_first_epoch=1000, actor_critic_steps_first_epoch=300, denoiser_steps_per_epoch=100,
+                  rew_end_steps_per_epoch=100, actor_critic_steps_per_epoch=50, imagination_batch_size=16,
+                  eval_every=5, eval_max_steps=5000),
+    # the whole loop on CPU cores (make demo): 32x32 frames, 8-channel nets
     "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=16,
                  rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=16, rew_end_lstm_dim=32,
                  actor_critic_channels=[8, 8, 16, 16], actor_critic_lstm_dim=32, env_steps=3000,
@@ -70,92 +74,99 @@ PRESETS: dict[str, dict] = {
                  batch_size=8, imagination_batch_size=8, learning_rate=5e-4, warmup_steps=20, eval_every=2,
                  eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
 }
+# every stage once, in under a minute on a CPU: the header's smoke run
+PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=300, initial_collection_max=300,
+                        denoiser_steps_first_epoch=10, rew_end_steps_first_epoch=10, actor_critic_steps_first_epoch=3,
+                        eval_episodes=2, final_eval_episodes=2, eval_max_steps=200)
 
 
 def _f(default, help: str):
-    """A dataclass field with a help text (used by common.add_config_args); lists are copied per instance."""
+    """A dataclass field with a help text (common.add_config_args shows it in --help); lists are per instance."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(init=False)
+def _p(large, help: str):
+    """A field that presets set: None until __post_init__ fills in the preset's value (`large` = the paper's)."""
+    return field(default=None, metadata={"help": help, "large": large})
+
+
+@dataclass
 class DiamondConfig:
-    """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset, keyword arguments
-    override it, attributes may be assigned afterwards; unknown presets and fields raise at once."""
-    preset: str = _f("large", "tiny | small | medium | large (the paper's configuration)")
+    """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset; keyword arguments
+    override it and attributes may be assigned afterwards (a misspelt name raises)."""
+    preset: str = _f("large", "tiny | small | medium | large (the paper's configuration) | smoke (a CPU test)")
     # --- game and run ---
     game: str = _f("Breakout-v5", "Atari game, with or without the ALE/ prefix")
-    obs_size: int = _f(64, "frames are resized to obs_size x obs_size RGB")
-    seed: int = _f(0, "seed of torch/numpy/python RNGs and of the environments")
+    obs_size: Optional[int] = _p(64, "frames are resized to obs_size x obs_size RGB")
+    seed: int = _f(0, "seed of the networks' init and of every random stream of the run")
     device: str = _f("auto", "auto | cpu | cuda | mps")
     sticky_actions: float = _f(0.0, "repeat_action_probability: 0 = Atari 100k protocol, 0.25 = ALE v5")
     # --- denoiser (EDM U-Net) ---
     num_steps_conditioning: int = _f(4, "past frames and actions the denoiser conditions on")
-    diffusion_channels: list = _f([64, 64, 64, 64], "U-Net channels per level")
-    diffusion_depths: list = _f([2, 2, 2, 2], "U-Net res-blocks per level")
+    diffusion_channels: Optional[list] = _p([64, 64, 64, 64], "U-Net channels per level")
+    diffusion_depths: Optional[list] = _p([2, 2, 2, 2], "U-Net res-blocks per level")
     diffusion_attn_depths: list = _f([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
-    diffusion_cond_dim: int = _f(256, "width of the noise-level + action conditioning vector")
-    num_sampling_steps: int = _f(3, "Euler steps per imagined frame")
+    diffusion_cond_dim: Optional[int] = _p(256, "width of the noise-level + action conditioning vector")
+    num_sampling_steps: int = _f(3, "denoising steps per imagined frame")
     diffusion_sampler: str = _f("euler", "euler | heun (order 2: 2N-1 network calls per frame)")
     # --- reward / termination model ---
-    rew_end_channels: list = _f([32, 32, 32, 32], "encoder channels per level")
-    rew_end_depths: list = _f([2, 2, 2, 2], "encoder res-blocks per level")
-    rew_end_cond_dim: int = _f(128, "action embedding width (AdaGN conditioning)")
-    rew_end_lstm_dim: int = _f(512, "LSTM hidden size")
+    rew_end_channels: Optional[list] = _p([32, 32, 32, 32], "encoder channels per level")
+    rew_end_depths: Optional[list] = _p([2, 2, 2, 2], "encoder res-blocks per level")
+    rew_end_cond_dim: Optional[int] = _p(128, "action embedding width (AdaGN conditioning)")
+    rew_end_lstm_dim: Optional[int] = _p(512, "LSTM hidden size")
     # --- actor-critic ---
-    actor_critic_channels: list = _f([32, 32, 64, 64], "encoder channels per level (max-pool after each)")
-    actor_critic_lstm_dim: int = _f(512, "LSTM hidden size")
+    actor_critic_channels: Optional[list] = _p([32, 32, 64, 64], "encoder channels per level (max-pool after each)")
+    actor_critic_lstm_dim: Optional[int] = _p(512, "LSTM hidden size")
     imagination_horizon: int = _f(15, "imagined steps per actor-critic update (official backup_every)")
-    imagination_batch_size: int = _f(32, "parallel imagined environments")
+    imagination_batch_size: Optional[int] = _p(32, "parallel imagined environments")
     discount_factor: float = _f(0.985, "gamma of the lambda-returns")
     lambda_returns: float = _f(0.95, "lambda of the lambda-returns")
     entropy_weight: float = _f(0.001, "weight of the entropy bonus")
     value_weight: float = _f(1.0, "weight of the value MSE")
     # --- optimisation (AdamW for each of the three models) ---
-    learning_rate: float = _f(1e-4, "AdamW learning rate of all three models")
+    learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of all three models")
     weight_decay: float = _f(1e-2, "AdamW weight decay of the denoiser and reward/end model")
     actor_critic_weight_decay: float = _f(0.0, "AdamW weight decay of the actor-critic")
-    warmup_steps: int = _f(100, "linear learning-rate warm-up from 0, per model")
+    warmup_steps: Optional[int] = _p(100, "linear learning-rate warm-up from 0, per model")
     max_grad_norm_denoiser: float = _f(1.0, "gradient-norm clip of the denoiser")
     max_grad_norm_rew_end: float = _f(100.0, "gradient-norm clip of the reward/end model")
     max_grad_norm_actor_critic: float = _f(100.0, "gradient-norm clip of the actor-critic")
-    batch_size: int = _f(32, "segments per denoiser and reward/end batch")
+    batch_size: Optional[int] = _p(32, "segments per denoiser and reward/end batch")
     sample_weights: list = _f([0.1, 0.1, 0.1, 0.7], "segment sampling weight of each chronological quarter")
     # --- schedule (per epoch: collect, train denoiser, reward/end model, actor-critic; evaluate) ---
-    num_epochs: int = _f(1000, "training epochs")
-    env_steps: int = _f(100_000, "budget of real environment steps (Atari 100k)")
-    initial_collection_steps: int = _f(5000, "random-policy steps before the first epoch's training")
-    initial_collection_max: int = _f(10000, "initial collection continues until both rare reward classes are seen")
-    env_steps_per_epoch: int = _f(100, "real steps collected per epoch after the first")
+    num_epochs: Optional[int] = _p(1000, "training epochs")
+    env_steps: Optional[int] = _p(100_000, "budget of real environment steps (Atari 100k)")
+    initial_collection_steps: Optional[int] = _p(5000, "random-policy steps before the first epoch's training")
+    initial_collection_max: Optional[int] = _p(10000, "initial collection goes on until both rare reward signs are seen")
+    env_steps_per_epoch: Optional[int] = _p(100, "real steps collected per epoch after the first")
     collect_epsilon: float = _f(0.01, "epsilon-greedy exploration while collecting")
-    denoiser_steps_first_epoch: int = _f(10000, "denoiser updates in epoch 1")
-    rew_end_steps_first_epoch: int = _f(10000, "reward/end updates in epoch 1")
-    actor_critic_steps_first_epoch: int = _f(5000, "actor-critic updates in epoch 1")
-    denoiser_steps_per_epoch: int = _f(400, "denoiser updates in later epochs")
-    rew_end_steps_per_epoch: int = _f(400, "reward/end updates in later epochs")
-    actor_critic_steps_per_epoch: int = _f(400, "actor-critic updates in later epochs")
-    eval_every: int = _f(10, "evaluate on the real game every N epochs (and after the last)")
-    eval_episodes: int = _f(4, "test episodes per evaluation")
-    final_eval_episodes: int = _f(100, "test episodes after the last epoch")
-    eval_max_steps: int = _f(27000, "cap on a test episode's steps (108k frames, the ALE default)")
+    denoiser_steps_first_epoch: Optional[int] = _p(10000, "denoiser updates in epoch 1")
+    rew_end_steps_first_epoch: Optional[int] = _p(10000, "reward/end updates in epoch 1")
+    actor_critic_steps_first_epoch: Optional[int] = _p(5000, "actor-critic updates in epoch 1")
+    denoiser_steps_per_epoch: Optional[int] = _p(400, "denoiser updates in later epochs")
+    rew_end_steps_per_epoch: Optional[int] = _p(400, "reward/end updates in later epochs")
+    actor_critic_steps_per_epoch: Optional[int] = _p(400, "actor-critic updates in later epochs")
+    eval_every: Optional[int] = _p(10, "evaluate on the real game every N epochs (and after the last)")
+    eval_episodes: Optional[int] = _p(4, "test episodes per evaluation")
+    final_eval_episodes: Optional[int] = _p(100, "test episodes after the last epoch")
+    eval_max_steps: Optional[int] = _p(27000, "cap on a test episode's steps (108k frames, the ALE default)")
 
-    def __init__(self, preset: str = "large", **overrides):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        for f in fields(self):  # dataclass defaults, then the preset, then the caller's values
-            value = f.default_factory() if f.default is MISSING else f.default
-            object.__setattr__(self, f.name, value)
-        object.__setattr__(self, "preset", preset)
-        for name, value in {**PRESETS[preset], **overrides}.items():
-            setattr(self, name, list(value) if isinstance(value, list) else value)  # never alias PRESETS' lists
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for f in fields(self):
+            if "large" in f.metadata and getattr(self, f.name) is None:
+                value = PRESETS[self.preset].get(f.name, f.metadata["large"])
+                setattr(self, f.name, list(value) if isinstance(value, list) else value)  # never alias a preset
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name, value):  # a plain dataclass would silently keep a misspelt attribute
         if name not in self.__dataclass_fields__:
             close = difflib.get_close_matches(name, list(self.__dataclass_fields__), n=3)
             raise AttributeError(f"DiamondConfig has no field {name!r}" + (f"; did you mean {close}?" if close else
                                  "; see `python diamond.py --help` for the list"))
-        if name == "preset" and value != getattr(self, "preset", value):
+        if name == "preset" and "preset" in self.__dict__ and value != self.preset:
             raise AttributeError("set the preset at construction: DiamondConfig(preset=...)")
         object.__setattr__(self, name, value)
 
@@ -184,6 +195,17 @@ def check_config(cfg: DiamondConfig) -> None:
     if min(cfg.sample_weights, default=-1) < 0 or sum(cfg.sample_weights) <= 0:
         raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got "
                          f"{' '.join(map(str, cfg.sample_weights))}")
+    if cfg.diffusion_sampler not in ("euler", "heun"):
+        raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
+    resolve_game(cfg.game)  # an unknown game names the closest ones
+
+
+def load_run(path) -> tuple[DiamondConfig, dict]:
+    """The one way from a checkpoint to its config: (DiamondConfig, checkpoint) of a run folder or its ckpt.pt.
+    Fields a newer diamond.py added take their defaults."""
+    state = common.load_checkpoint(common.checkpoint_file(path), "diamond")
+    known = DiamondConfig.__dataclass_fields__
+    return DiamondConfig(**{k: v for k, v in state["config"].items() if k in known}), state
 
 
 # =====================================================================================================
@@ -200,6 +222,7 @@ def _import_ale():
     import ale_py
     import gymnasium as gym
     gym.register_envs(ale_py)  # gymnasium >= 1.0 needs the ALE ids registered explicitly
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner on stderr before our one-line errors
     return gym
 
 
@@ -296,11 +319,11 @@ class AtariVecEnv:
         self.envs = [AtariEnv(game, obs_size, sticky_actions) for _ in range(num_envs)]
         self.num_envs, self.num_actions = num_envs, self.envs[0].num_actions
         self.done_on_life_loss, self.device = done_on_life_loss, torch.device(device)
-        self.rng, self.frames = random.Random(seed), None
+        self.rng, self.frames = np.random.default_rng(seed), None  # draws the seeds of new games
         self.scores = np.zeros(num_envs)  # raw return of each running game (over all its lives)
 
     def reset(self):
-        s = self.rng.randint(0, 2 ** 31 - 1)  # official: seeds s + i
+        s = int(self.rng.integers(2 ** 31 - 1))  # official: seeds s + i
         self.frames = np.stack([env.reset(seed=s + i)[0] for i, env in enumerate(self.envs)])
         self.scores[:] = 0
         return frames_to_float(self.frames).to(self.device), {"frames": self.frames.copy()}
@@ -347,9 +370,10 @@ class Collector:
         self.obs = self.first = None
         self.episode_ids = [None] * env.num_envs
 
-    def collect(self, num_steps: int, policy=None, epsilon: float = 0.0) -> dict:
+    def collect(self, num_steps: int, policy=None, epsilon: float = 0.0, progress=None) -> dict:
         """Collect num_steps transitions (summed over envs; rounded up to whole vector steps). Returns
-        dict(steps, scores: raw returns of the games that ended, episodes: number of dataset episodes closed)."""
+        dict(steps, scores: raw returns of the games that ended, episodes: number of dataset episodes closed);
+        progress(steps) is called after every vector step."""
         env, B, ds, ids = self.env, self.env.num_envs, self.dataset, self.episode_ids
         if self.obs is None:
             self.obs, _ = env.reset()
@@ -373,6 +397,8 @@ class Collector:
             self.first = torch.from_numpy(info["dead"].copy())
             scores += info["scores"]
             steps += B
+            if progress:
+                progress(steps)
         return {"steps": steps, "scores": scores, "episodes": closed}
 
 # =====================================================================================================
@@ -576,8 +602,8 @@ class SelfAttention2d(nn.Module):
         n, c, h, w = x.shape
         x = self.norm(x)
         qkv = self.qkv_proj(x).view(n, 3 * self.n_head, c // self.n_head, h * w).transpose(2, 3)
-        q, k, v = qkv.chunk(3, dim=1)  # each (N, heads, H*W, C/heads)
-        y = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1) @ v
+        q, k, v = qkv.chunk(3, dim=1)  # each (N, heads, H*W, C/heads): head i = channels [8i, 8i + 8)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/heads)) v over the H*W tokens
         return x + self.out_proj(y.transpose(2, 3).reshape(n, c, h, w))
 
 
@@ -785,7 +811,7 @@ class EDMPreconditioner(nn.Module):
 Denoiser = EDMPreconditioner  # the official class name
 
 
-class EulerSampler:
+class DiffusionSampler:
     """Next-frame sampler of the official DiffusionSampler: Euler (order 1) or Heun (order 2) on the
     Karras noise levels, from UNIT Gaussian noise (not scaled by sigma_max, as officially). Every
     denoiser call quantises D; the final step to sigma = 0 is Euler, so NFE = N (Euler) or 2N - 1 (Heun).
@@ -897,7 +923,7 @@ class WorldModelEnv:
     their last imagined frame, info["burnin_obs"] (n_dead, K-1, C, H, W) the new context's first frames (for
     the agent's LSTM), and the returned obs is the new context's last frame."""
 
-    def __init__(self, sampler: EulerSampler, rew_end_model: RewardTerminationModel, dataset: ReplayDataset,
+    def __init__(self, sampler: DiffusionSampler, rew_end_model: RewardTerminationModel, dataset: ReplayDataset,
                  num_envs: int, horizon: int = 15, num_steps_conditioning: int = 4, sample_weights=None,
                  seed: int = 0, device="cpu"):
         self.sampler, self.rew_end_model, self.dataset = sampler, rew_end_model, dataset
@@ -1189,10 +1215,11 @@ def optimizer_step(name: str, loss: torch.Tensor, model: nn.Module, opt, sched, 
 
 @torch.no_grad()
 def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsilon: float = 0.0,
-                    generator=None, frames: Optional[list] = None) -> dict:
+                    generator=None, frames: Optional[list] = None, progress=None) -> dict:
     """Play one episode in each of env's B parallel envs (a test env: no life-loss ends) with actions
     sampled from the policy (epsilon = 1: the uniform random policy). An episode still running after
-    max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames."""
+    max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames;
+    progress(steps) is called after every step."""
     loop = AgentEnvLoop(env, actor_critic, epsilon=epsilon, generator=generator)
     returns, done, steps = torch.zeros(env.num_envs), torch.zeros(env.num_envs, dtype=torch.bool), 0
     action_counts = torch.zeros(env.num_actions, dtype=torch.long)
@@ -1204,6 +1231,8 @@ def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsil
         action_counts += torch.bincount(r["act"][:, 0].cpu()[~done], minlength=env.num_actions)
         done |= (r["end"][:, 0] + r["trunc"][:, 0]).bool().cpu()
         steps += 1
+        if progress:
+            progress(steps)
     return dict(returns=returns.tolist(), return_mean=returns.mean().item(), return_max=returns.max().item(),
                 finished=int(done.sum()), steps=steps, action_freq=(action_counts / action_counts.sum()).tolist())
 
@@ -1219,22 +1248,34 @@ class Agent(nn.Module):
                                                cfg.obs_size)
 
 
-def load_official_agent(agent: Agent, path) -> None:
-    """Load an official DIAMOND agent checkpoint (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt)
-    or one of ours: each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
-    sd = common.torch_load(path, want="an official agent (eloialonso/diamond atari_100k/models/<Game>.pt) or a "
-                                      "diamond.py ckpt.pt")
-    if isinstance(sd, dict) and sd.get("kind") == "diamond":  # one of our checkpoints
-        sd = sd["model"]
+def read_agent(path) -> dict:
+    """The flat agent state dict (denoiser.*, rew_end_model.*, actor_critic.*) of an official agent checkpoint
+    (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt) or of a run of ours (folder or ckpt.pt)."""
+    sd = common.torch_load(common.checkpoint_file(path), want="an official agent (eloialonso/diamond "
+                           "atari_100k/models/<Game>.pt) or a diamond.py run")
+    return sd["model"] if isinstance(sd, dict) and sd.get("kind") == "diamond" else sd
+
+
+def check_actions(sd: dict, game: str, num_actions: int, trained_on: str = "") -> None:
+    """A checkpoint of a game with another action set ends as one line, before loading."""
+    n = sd["denoiser.inner_model.act_emb.0.weight"].shape[0] if "denoiser.inner_model.act_emb.0.weight" in sd else 0
+    if n and n != num_actions:
+        raise ValueError((f"this run was trained on {trained_on} ({n} actions) and {game} has {num_actions}: drop "
+                          f"--game, or use a checkpoint trained on {game}") if trained_on else
+                         f"this agent has {n} actions and {game} has {num_actions}: use a checkpoint of {game}")
+
+
+def load_agent(agent: Agent, sd: dict, where) -> None:
+    """Each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
     parts = split_agent_state_dict(sd)
     for name in MODEL_NAMES:
         if name not in parts:
-            raise ValueError(f"{path}: no '{name}.' keys; an official agent checkpoint has denoiser., "
+            raise ValueError(f"{where}: no '{name}.' keys; an official agent checkpoint has denoiser., "
                              "rew_end_model. and actor_critic. entries")
         try:
             getattr(agent, name).load_state_dict(parts[name], strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{path}: the {name} weights do not fit this configuration (official agents need "
+            raise ValueError(f"{where}: the {name} weights do not fit this configuration (official agents need "
                              f"--preset large and the game they were trained on): {common.one_line(e)}") from None
 
 
@@ -1254,22 +1295,28 @@ class LSTMPolicy:
         return torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(1)
 
 
+PROGRESS_SECONDS = 30.0  # at most one progress line per phase this often: long phases are never silent
+STREAMS = ("collect", *MODEL_NAMES, "eval")  # the run's random streams, one per phase
+
+
 class Trainer:
-    """The DIAMOND loop (official trainer.py), one epoch at a time: collect real steps with the current policy ->
-    train the denoiser -> train the reward/end model -> train the actor-critic in imagination -> evaluate on the
-    real game (every eval_every) -> checkpoint. run_dir holds what is needed to continue: ckpt.pt (networks,
-    optimisers, warm-up schedulers, epoch and update counters, RNG states) and dataset/ (every real step).
-    `Trainer(cfg, run_dir, resume=True)` continues after the last finished epoch with all data saved so far (the
-    running Atari games are not restored, as officially: collection starts new episodes)."""
+    """The DIAMOND loop (official trainer.py): an initial collection with the untrained (uniform) policy, then
+    per epoch: collect real steps with the current policy -> train the denoiser -> the reward/end model ->
+    the actor-critic in imagination -> evaluate on the real game (every eval_every) -> checkpoint.
+    run_dir holds ckpt.pt (networks, optimisers, warm-up schedulers, epoch and update counters), dataset/ (every
+    real step), metrics.jsonl and curves.png. Every random draw comes from a stream seeded by (seed, phase, epoch,
+    update) (`streams`), so the checkpoint keeps counters, not generator states. `Trainer(cfg, run_dir,
+    resume=True)` continues after the last checkpoint with every step collected so far (the running Atari game
+    is not restored, as officially: collection starts a new one)."""
 
     def __init__(self, cfg: DiamondConfig, run_dir, resume: bool = False, world_model_only: bool = False,
-                 log=print):
+                 log=print, progress_every: float = PROGRESS_SECONDS):
         check_config(cfg)
         self.cfg, self.run_dir, self.log, self.world_model_only = cfg, Path(run_dir), log, world_model_only
-        self.device = common.pick_device(cfg.device)
-        common.seed_everything(cfg.seed)
+        self.progress_every, self.device = progress_every, common.pick_device(cfg.device)
+        common.seed_everything(cfg.seed)  # the networks' initialisation
         self.train_env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
-                                     sticky_actions=cfg.sticky_actions, seed=cfg.seed, device=self.device)
+                                     sticky_actions=cfg.sticky_actions, device=self.device)
         self.num_actions = self.train_env.num_actions
         self.agent = Agent(cfg, self.num_actions).to(self.device)
         wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay, actor_critic=cfg.actor_critic_weight_decay)
@@ -1278,90 +1325,100 @@ class Trainer:
         self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser, rew_end_model=cfg.max_grad_norm_rew_end,
                                   actor_critic=cfg.max_grad_norm_actor_critic)
         self.steps = {n: 0 for n in MODEL_NAMES}  # optimiser updates of each model
-        self.epoch, self.reward_counts = 0, [0, 0, 0]  # collected transitions with reward sign -1, 0, +1
-        self.gen = {k: torch.Generator().manual_seed(cfg.seed * 7919 + i)  # action sampling, per use
-                    for i, k in enumerate(("collect", "imagine", "eval"))}
-        self.data_rng = np.random.default_rng(cfg.seed)  # segment sampling
-        self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
+        self.epoch, self.random_return = 0, None  # the random policy's mean return on the evaluation episodes
         self.ckpt_path, self.dataset_dir = self.run_dir / "ckpt.pt", self.run_dir / "dataset"
+        self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
+        if resume:
+            self.load()
         self.metrics = common.MetricsLog(self.run_dir)
         self.wm_env = WorldModelEnv(make_sampler(self.agent.denoiser, cfg), self.agent.rew_end_model, self.dataset,
                                     cfg.imagination_batch_size, cfg.imagination_horizon,
-                                    cfg.num_steps_conditioning, cfg.sample_weights, cfg.seed, self.device)
-        if resume:
-            self.load()
-            self.train_env.rng.seed(cfg.seed + 7919 * self.epoch)  # new games, not a replay of the first ones
-        self.collector = Collector(self.train_env, self.dataset, seed=cfg.seed + self.epoch)
-        self.policy = LSTMPolicy(self.agent.actor_critic, self.gen["collect"])
-        self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic, 0.0, self.gen["imagine"])
+                                    cfg.num_steps_conditioning, cfg.sample_weights, device=self.device)
+        self.collector = Collector(self.train_env, self.dataset)
+        self.policy = LSTMPolicy(self.agent.actor_critic)
+        self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic)
+
+    def streams(self, phase: str, update: int = 0) -> tuple[np.random.Generator, torch.Generator, torch.Generator]:
+        """(numpy, torch on the device, torch on the CPU) generators of one phase of one epoch or update."""
+        seq = np.random.SeedSequence([self.cfg.seed, STREAMS.index(phase), self.epoch, update])
+        a, b, c = (int(s.generate_state(1, np.uint64)[0] >> np.uint64(1)) for s in seq.spawn(3))
+        return np.random.default_rng(a), torch.Generator(self.device).manual_seed(b), torch.Generator().manual_seed(c)
+
+    def progress(self, phase: str, total: int, unit: str):
+        """A callback done -> None that logs "epoch e/n | phase done/total unit | rate | ETA" at most every
+        progress_every seconds, so a short phase prints nothing."""
+        t0 = last = time.time()
+
+        def tick(done: int):
+            nonlocal last
+            now = time.time()
+            if now - last >= self.progress_every and done > 0:
+                last, rate = now, done / max(now - t0, 1e-9)
+                eta = time.strftime("%H:%M:%S", time.gmtime((total - done) / rate))
+                self.log(f"epoch {self.epoch}/{self.cfg.num_epochs} | {phase} {done}/{total} {unit} | "
+                         f"{rate:.1f} {unit}/s | ETA {eta}")
+        return tick
 
     # ---- checkpoint: the data first (new episodes, then its index), then ckpt.pt, so that after a kill at any
-    # point the checkpoint never refers to data that is not on disk. numpy RNG states hold 128-bit ints: JSON text.
+    # point the checkpoint never refers to data that is not on disk
     def save(self) -> None:
         self.dataset.save(self.dataset_dir)
         common.save_checkpoint(self.ckpt_path, dict(
             kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions, model=self.agent.state_dict(),
             ema=None, opt={n: o.state_dict() for n, o in self.opt.items()},
             sched={n: s.state_dict() for n, s in self.sched.items()}, step=sum(self.steps.values()),
-            steps=dict(self.steps), epoch=self.epoch, env_steps=len(self.dataset),
-            reward_counts=list(self.reward_counts), rng=common.rng_state(),
-            generators={k: g.get_state() for k, g in self.gen.items()},
-            data_rng=json.dumps(self.data_rng.bit_generator.state),
-            wm_rng=json.dumps(self.wm_env.rng.bit_generator.state), wm_generator=self.wm_env.generator.get_state()))
+            steps=dict(self.steps), epoch=self.epoch, env_steps=len(self.dataset), random_return=self.random_return))
 
     def load(self) -> None:
         s = common.load_checkpoint(self.ckpt_path, "diamond")
-        if s["num_actions"] != self.num_actions:
-            raise ValueError(f"{self.ckpt_path} was trained with {s['num_actions']} actions; "
-                             f"{self.cfg.game} has {self.num_actions}: a checkpoint of another game?")
+        check_actions(s["model"], self.cfg.game, self.num_actions, s["config"]["game"])
         self.agent.load_state_dict(s["model"])
         for n in MODEL_NAMES:
             self.opt[n].load_state_dict(s["opt"][n])
             self.sched[n].load_state_dict(s["sched"][n])
-        self.steps, self.epoch, self.reward_counts = dict(s["steps"]), s["epoch"], list(s["reward_counts"])
-        for k, g in self.gen.items():
-            g.set_state(s["generators"][k])
-        self.data_rng.bit_generator.state = json.loads(s["data_rng"])
-        self.wm_env.rng.bit_generator.state = json.loads(s["wm_rng"])
-        self.wm_env.generator.set_state(s["wm_generator"])
+        self.steps, self.epoch, self.random_return = dict(s["steps"]), s["epoch"], s["random_return"]
         # every step saved so far, also those collected after the checkpoint (a kill mid-epoch)
-        self.dataset = self.wm_env.dataset = ReplayDataset.load(self.dataset_dir)
-        common.set_rng_state(s["rng"])
+        self.dataset = ReplayDataset.load(self.dataset_dir)
 
     # ---- the three kinds of updates ---------------------------------------------------------------------
     def world_model_loss(self, name: str):
         """Denoiser: segments of K + 2 frames, left padding; reward/end: horizon + K, padded on both sides
         (official)."""
         cfg, K = self.cfg, self.cfg.num_steps_conditioning
+        rng, generator, _ = self.streams(name, self.steps[name])
         seq_len = K + DENOISER_SEGMENT_EXTRA if name == "denoiser" else cfg.imagination_horizon + K
         b = self.dataset.sample_segments(cfg.batch_size, seq_len, pad_right=name != "denoiser",
-                                         sample_weights=cfg.sample_weights, rng=self.data_rng)
+                                         sample_weights=cfg.sample_weights, rng=rng)
         b = {k: v.to(self.device) for k, v in b.items()}
         if name == "denoiser":
-            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"])
+            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"], generator)
         return self.agent.rew_end_model.loss(b["obs"], b["act"], b["rew"], b["end"], b["mask_padding"],
                                              b["final_obs"])
 
+    def actor_critic_loss(self):
+        """Imagine imagination_horizon steps in every env (the envs go on from the previous update), then the
+        loss on them."""
+        cfg = self.cfg
+        self.wm_env.rng, self.wm_env.generator, self.imagination.generator = self.streams(
+            "actor_critic", self.steps["actor_critic"])
+        r = self.imagination.rollout(cfg.imagination_horizon)
+        return actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"], r["val_bootstrap"],
+                                 cfg.discount_factor, cfg.lambda_returns, cfg.value_weight, cfg.entropy_weight)
+
     def train_model(self, name: str, num_steps: int) -> dict:
         """num_steps updates of one of the three models -> its mean metrics."""
-        cfg, model = self.cfg, getattr(self.agent, name)
+        model, tick = getattr(self.agent, name), self.progress(name, num_steps, "updates")
         self.agent.eval()
         model.train()
         sums: dict = {}
-        for _ in range(num_steps):
-            if name == "actor_critic":  # imagine imagination_horizon steps in every env, then the loss on them
-                r = self.imagination.rollout(cfg.imagination_horizon)
-                loss, m = actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"],
-                                            r["val_bootstrap"], cfg.discount_factor, cfg.lambda_returns,
-                                            cfg.value_weight, cfg.entropy_weight)
-            else:
-                loss, m = self.world_model_loss(name)
+        for i in range(num_steps):
+            loss, m = self.actor_critic_loss() if name == "actor_critic" else self.world_model_loss(name)
             self.steps[name] += 1
             grad_norm = optimizer_step(name, loss, model, self.opt[name], self.sched[name], self.max_grad_norm[name],
                                        self.steps[name])
-            m = dict(m, loss=loss.item(), grad_norm=grad_norm)
-            for k, v in m.items():
+            for k, v in dict(m, loss=loss.item(), grad_norm=grad_norm).items():
                 sums[k] = sums.get(k, 0.0) + v
+            tick(i + 1)
         return {k: v / max(num_steps, 1) for k, v in sums.items()}
 
     # ---- real environment -------------------------------------------------------------------------------
@@ -1369,71 +1426,96 @@ class Trainer:
         """Real steps with the current policy (epsilon-greedy), appended to the dataset (saved at once).
         Returns the scores of the games that ended."""
         self.agent.actor_critic.eval()
-        n0 = len(self.dataset)
-        scores = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)["scores"]
-        # reward signs of the new steps (the open episode grows at the end, later episodes are new)
-        new_rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]
-        for s in np.sign(new_rew).astype(int):
-            self.reward_counts[s + 1] += 1
+        self.collector.rng, _, self.policy.generator = self.streams("collect")
+        self.train_env.rng = self.collector.rng  # also the seeds of new games
+        scores = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon,
+                                        self.progress("collect", num_steps, "steps"))["scores"]
         self.dataset.save(self.dataset_dir)
         return scores
 
     def collect_initial(self) -> list:
         """Official: initial_collection_steps with the untrained agent (uniform policy: zero actor head), then
-        100 more at a time until the two rarer reward signs total >= 10, up to initial_collection_max."""
-        cfg = self.cfg
-        scores = self.collect(cfg.initial_collection_steps)
-        while len(self.dataset) < cfg.initial_collection_max and sum(sorted(self.reward_counts)[:2]) < 10:
+        100 more at a time until the two rarer reward signs total >= 10, up to initial_collection_max. Goes on
+        from what the dataset holds (a run killed during it)."""
+        cfg, scores = self.cfg, []
+        if len(self.dataset) < cfg.initial_collection_steps:
+            scores = self.collect(cfg.initial_collection_steps - len(self.dataset))
+        while len(self.dataset) < cfg.initial_collection_max and self.rare_rewards() < 10:
             scores += self.collect(min(100, cfg.initial_collection_max - len(self.dataset)))
         return scores
 
-    def evaluate(self, episodes: int, epsilon: float = 0.0, seed: Optional[int] = None, gif=None) -> dict:
-        """Test episodes on the real game (no life-loss ends, epsilon 0, actions sampled): raw scores, HNS."""
-        cfg, frames = self.cfg, [] if gif else None
-        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, device=self.device,
-                          seed=cfg.seed + 1_000_003 * (1 + self.epoch) if seed is None else seed)
+    def rare_rewards(self) -> int:
+        """Collected steps with the two rarer reward signs of {-1, 0, +1}."""
+        rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes] + [np.zeros(0)])
+        return int(np.sort(np.bincount(np.sign(rew).astype(int) + 1, minlength=3))[:2].sum())
+
+    def evaluate(self, episodes: int, epsilon: float = 0.0) -> dict:
+        """Test episodes on the real game (no life-loss ends, actions sampled): raw scores, HNS. The episodes'
+        starts are the same at every evaluation (and for the random policy's level)."""
+        cfg = self.cfg
+        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=cfg.seed,
+                          device=self.device)
         self.agent.actor_critic.eval()
-        r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon, self.gen["eval"], frames)
+        r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon, self.streams("eval")[2],
+                            progress=self.progress("eval" if epsilon == 0 else "random policy", cfg.eval_max_steps,
+                                                   "steps"))
         env.close()
-        r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
-        if gif:
-            common.save_gif(frames, gif, fps=15)
-        return r
+        return dict(r, hns=human_normalized_score(cfg.game, r["return_mean"]))
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, result = self.cfg, {}
+        cfg, result, scores = self.cfg, {}, []
+        if self.epoch == 0:
+            self.save()  # config and counters first: a run killed during the initial collection resumes its data
+            scores = self.collect_initial()
         while self.epoch < cfg.num_epochs:
             self.epoch += 1
             t0 = time.time()
             first = self.steps["denoiser"] == 0  # the long first round of training (also after a resume in it)
-            if len(self.dataset) == 0:
-                scores = self.collect_initial()
-            elif len(self.dataset) < cfg.env_steps:
+            if self.epoch > 1 and len(self.dataset) < cfg.env_steps:
                 scores = self.collect(min(cfg.env_steps_per_epoch, cfg.env_steps - len(self.dataset)))
-            else:
-                scores = []
             logs = dict(epoch=self.epoch, env_steps=len(self.dataset), collect_seconds=time.time() - t0)
             if scores:
                 logs["collect/return_mean"] = float(np.mean(scores))
+            scores = []
             n = dict(denoiser=cfg.denoiser_steps_first_epoch if first else cfg.denoiser_steps_per_epoch,
                      rew_end_model=cfg.rew_end_steps_first_epoch if first else cfg.rew_end_steps_per_epoch,
                      actor_critic=cfg.actor_critic_steps_first_epoch if first else cfg.actor_critic_steps_per_epoch)
             for name in MODEL_NAMES[:2] if self.world_model_only else MODEL_NAMES:
                 t = time.time()
                 logs.update({f"{name}/{k}": v for k, v in self.train_model(name, n[name]).items()})
-                logs[f"{name}/seconds"] = time.time() - t
+                logs[f"{name}/seconds"], logs[f"{name}/updates"] = time.time() - t, self.steps[name]
             last = self.epoch == cfg.num_epochs
-            if not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last):
+            evaluate = not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last)
+            if evaluate:
                 t = time.time()
+                if self.random_return is None:  # the level to beat, on the same episodes
+                    self.random_return = self.evaluate(cfg.eval_episodes, epsilon=1.0)["return_mean"]
+                    logs["eval/random_return_mean"] = self.random_return
                 result = self.evaluate(cfg.final_eval_episodes if last else cfg.eval_episodes)
                 logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"})
                 logs["eval/seconds"] = time.time() - t
             logs["epoch_seconds"] = time.time() - t0
             self.save()  # after a non-finite loss we never get here: the last good checkpoint stays
             self.metrics.log(step=self.epoch, **logs)
+            if evaluate:
+                self.save_curves()
             self.log(self.summary(logs))
         return result
+
+    def save_curves(self) -> None:
+        """curves.png from metrics.jsonl (so a resumed run draws its whole history): the evaluation return
+        against real steps with the random policy's level, and each model's loss against its updates."""
+        rows = [json.loads(line) for line in open(self.metrics.path)]
+        ev = [(r["env_steps"], r["eval/return_mean"]) for r in rows if "eval/return_mean" in r]
+        panels = [dict(title=f"evaluation return ({self.cfg.game})", xlabel="real environment steps",
+                       series={"agent": ev}, hlines={} if self.random_return is None else
+                       {"random policy": self.random_return})]
+        for name, title in (("denoiser", "denoiser loss"), ("rew_end_model", "reward/end loss"),
+                            ("actor_critic", "actor-critic loss")):
+            points = [(r[f"{name}/updates"], r[f"{name}/loss"]) for r in rows if f"{name}/updates" in r]
+            panels.append(dict(title=title, xlabel="updates", series={"mean loss per epoch": points}))
+        common.save_curves(self.run_dir / "curves.png", panels)
 
     def summary(self, logs: dict) -> str:
         s = f"epoch {logs['epoch']}/{self.cfg.num_epochs} | env steps {logs['env_steps']}"
@@ -1461,10 +1543,8 @@ def build_world_model(cfg: DiamondConfig, num_actions: int) -> tuple:
     return EDMPreconditioner(inner), rew_end
 
 
-def make_sampler(denoiser: EDMPreconditioner, cfg: DiamondConfig) -> EulerSampler:
-    if cfg.diffusion_sampler not in ("euler", "heun"):
-        raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
-    return EulerSampler(denoiser, cfg.num_sampling_steps, order=1 if cfg.diffusion_sampler == "euler" else 2)
+def make_sampler(denoiser: EDMPreconditioner, cfg: DiamondConfig) -> DiffusionSampler:
+    return DiffusionSampler(denoiser, cfg.num_sampling_steps, order=1 if cfg.diffusion_sampler == "euler" else 2)
 
 
 def split_agent_state_dict(sd: dict) -> dict:
@@ -1478,7 +1558,7 @@ def split_agent_state_dict(sd: dict) -> dict:
 
 
 @torch.no_grad()
-def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps_conditioning: int = 4,
+def dream_rollout(sampler: DiffusionSampler, env: AtariVecEnv, steps: int, num_steps_conditioning: int = 4,
                   policy=None, seed: int = 0) -> dict:
     """Play the real game (env with one env) for K + steps steps with `policy` (obs (1, C, H, W) -> act (1,);
     None = uniform random from `seed`), and let the world model imagine the last `steps` frames from the
@@ -1513,39 +1593,69 @@ def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps
     return {"real": real, "dream": dream, "frame_mae": err.tolist()}
 
 
-def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, device: str = "cpu") -> dict:
-    """`python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif`: the real game (left) and the
-    world model's open-loop continuation (right) in one GIF, with the policy of the checkpoint if it has one
-    (else random actions), and the per-frame error printed."""
-    state = common.load_checkpoint(ckpt, "diamond")
-    conf = dict(state["config"])
-    cfg = DiamondConfig(preset=conf.pop("preset", "large"),
-                        **{k: v for k, v in conf.items() if k in DiamondConfig.__dataclass_fields__})
+GIF_PIXELS = 256   # GIF frames are upscaled (nearest neighbour) to about this size: 32 px frames are unreadable
+LABEL_HEIGHT = 14  # a white strip above the frames for PIL's default font
+
+
+def gif_path(path, flag_name: str) -> Path:
+    """Before any work: an output path ending in .gif, ~ expanded."""
+    path = common.expand_path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"{flag_name} {path}: give a file name ending in .gif")
+    return path
+
+
+def write_gif(frames: np.ndarray, path: Path, fps: float, what: str) -> None:
+    """Save uint8 frames (T, H, W, 3), upscaled to about GIF_PIXELS, and say what the file holds: pillow
+    stores identical consecutive frames as one longer frame, so the frame count is read back."""
+    existed = path.exists()
+    common.save_gif(frames, path, fps=fps, scale=max(1, GIF_PIXELS // max(frames.shape[1:3])))
+    with Image.open(path) as gif:
+        n = gif.n_frames
+    print(f"wrote {path}{' (replaced the existing file)' if existed else ''}: {what}, {len(frames)} steps in {n} "
+          "GIF frames" + (" (repeated frames merged)" if n < len(frames) else ""))
+
+
+def side_by_side(panels: dict, scale: int) -> np.ndarray:
+    """{label: uint8 frames (T, C, H, W)} -> uint8 (T, LABEL_HEIGHT + scale H, W', 3): the panels upscaled by
+    pixel repetition, left to right with a white bar between them, each label written above its panel."""
+    ups = [np.asarray(v).transpose(0, 2, 3, 1).repeat(scale, 1).repeat(scale, 2) for v in panels.values()]
+    t, h, w, _ = ups[0].shape
+    bar = np.full((t, h, 2 * scale, 3), 255, np.uint8)
+    body = np.concatenate([x for u in ups for x in (bar, u)][1:], axis=2)
+    head = Image.new("RGB", (body.shape[2], LABEL_HEIGHT), "white")
+    for i, label in enumerate(panels):
+        ImageDraw.Draw(head).text((i * (w + 2 * scale) + 2, 1), label, fill="black")
+    return np.concatenate([np.broadcast_to(np.asarray(head), (t, LABEL_HEIGHT, *body.shape[2:])), body], axis=1)
+
+
+def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") -> dict:
+    """The real game ("real") and the world model's open-loop continuation of it ("dream") side by side in one
+    GIF (default RUN/dream.gif), with the checkpoint's policy (random actions if it has none); prints the
+    per-frame error."""
+    out = common.run_folder(ckpt) / "dream.gif" if out is None else gif_path(out, "--out")
+    cfg, state = load_run(ckpt)
     parts = split_agent_state_dict(state["model"])
-    num_actions = parts["denoiser"]["inner_model.act_emb.0.weight"].shape[0]
     env = AtariVecEnv(cfg.game, 1, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=seed)
-    if env.num_actions != num_actions:
-        raise ValueError(f"{ckpt} was trained with {num_actions} actions, but {cfg.game} has {env.num_actions}: "
-                         "a checkpoint of another game?")
-    denoiser, _ = build_world_model(cfg, num_actions)
+    check_actions(state["model"], cfg.game, env.num_actions)
+    denoiser, _ = build_world_model(cfg, env.num_actions)
     denoiser.load_state_dict(parts["denoiser"], strict=True)
     denoiser.to(device).eval()
     policy = None
     if "actor_critic" in parts:
-        ac = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim, cfg.obs_size)
+        ac = ActorCriticNetwork(env.num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim, cfg.obs_size)
         ac.load_state_dict(parts["actor_critic"], strict=True)
         lstm_policy = LSTMPolicy(ac, torch.Generator().manual_seed(seed))
         policy = lambda obs: lstm_policy(obs, torch.zeros(1, dtype=torch.bool))  # one game: never a reset
     r = dream_rollout(make_sampler(denoiser, cfg), env, steps, cfg.num_steps_conditioning, policy, seed)
     env.close()
-    bar = np.full((*r["real"].shape[:3], 2), 255, np.uint8)  # a white bar between the two
-    common.save_gif(np.concatenate([r["real"], bar, r["dream"]], axis=3).transpose(0, 2, 3, 1), out, fps=10, scale=4)
-    mae = r["frame_mae"]
-    print(f"dream: {len(mae)} imagined frames after {cfg.num_steps_conditioning} real ones -> {out}")
+    mae, K = r["frame_mae"], cfg.num_steps_conditioning
+    frames = side_by_side({"real": r["real"], "dream": r["dream"]}, max(1, GIF_PIXELS // cfg.obs_size))
+    write_gif(frames, out, fps=10, what=f"{len(mae)} imagined frames after {K} real ones")
     print("per-frame mean abs error (0-255): " + " ".join(f"{e:.1f}" for e in mae))
     if mae:
         print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")
-    return r
+    return dict(r, out=out)
 
 # =====================================================================================================
 # command line
@@ -1553,19 +1663,18 @@ def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, de
 
 def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.ArgumentParser, DiamondConfig]:
     """A parser with one flag per DiamondConfig field whose defaults are those of the chosen --preset
-    (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
+    (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change; with
+    --resume RUN the defaults are the run's own config."""
     pre = common.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large", choices=list(PRESETS))
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
-    base = DiamondConfig(preset=known.preset)
-    if known.resume:  # the run's own config is the default: flags given now change only what they name
-        base = DiamondConfig(**common.load_checkpoint(Path(known.resume) / "ckpt.pt", "diamond")["config"])
+    base = load_run(known.resume)[0] if known.resume else DiamondConfig(preset=known.preset)
     return common.add_config_args(common.ArgumentParser(description=description), base), base
 
 
 # What a resumed run cannot change: the networks' shapes, and what the checkpoint restores (optimizer state with
-# its learning rate and warm-up, RNG states). The schedule (epochs, step budgets, evaluation) may be extended.
+# its learning rate and warm-up; the seed of every random stream). The schedule may be extended.
 FIXED_ON_RESUME = ("preset", "game", "obs_size", "num_steps_conditioning", "diffusion_channels", "diffusion_depths",
                    "diffusion_attn_depths", "diffusion_cond_dim", "rew_end_channels", "rew_end_depths",
                    "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_channels", "actor_critic_lstm_dim", "seed",
@@ -1585,15 +1694,16 @@ def _hns_text(hns: Optional[float]) -> str:
 def train_command(argv) -> dict:
     parser, base = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, and an "
                                        "actor-critic trained in imagination.")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its ckpt.pt and dataset)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN (a run folder or its ckpt.pt)")
     parser.add_argument("--train-world-model-only", action="store_true",
                         help="train only the denoiser and the reward/end model (on random-policy data)")
     parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent checkpoint")
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(base, args)  # an unknown game fails here, before any work
-    check_config(cfg)
+    cfg = common.config_from_args(base, args)
+    check_config(cfg)  # an unknown game fails here, before any work
+    official = read_agent(args.from_official) if args.from_official and not args.resume else None
     if args.resume:  # e.g. --resume RUN --num-epochs 60 trains longer
-        run_dir = Path(args.resume)
+        run_dir = common.run_folder(args.resume)
         changed = [common.flag(f) for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]
         if changed:
             raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot change "
@@ -1603,8 +1713,9 @@ def train_command(argv) -> dict:
     print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,
                       log=lambda s: print(s, flush=True))
-    if args.from_official and not args.resume:
-        load_official_agent(trainer.agent, args.from_official)
+    if official is not None:
+        check_actions(official, cfg.game, trainer.num_actions)
+        load_agent(trainer.agent, official, args.from_official)
     t0 = time.time()
     result = trainer.run()
     if result:
@@ -1612,34 +1723,36 @@ def train_command(argv) -> dict:
               f"max {result['return_max']:.0f}, HNS {_hns_text(result['hns'])} | {time.time() - t0:.0f} s | {run_dir}")
     if not args.train_world_model_only:
         try:
-            dream(str(run_dir / "ckpt.pt"), steps=min(60, cfg.eval_max_steps), out=str(run_dir / "dream.gif"),
-                  seed=cfg.seed, device="cpu")
+            dream(run_dir, steps=min(60, cfg.eval_max_steps), seed=cfg.seed, device="cpu")
         except Exception as e:  # a dream is a bonus: never lose a finished run over it
             print(f"(no dream GIF: {type(e).__name__}: {e})")
     return result
 
 
 def eval_command(argv) -> dict:
-    """python diamond.py eval --ckpt RUN/ckpt.pt [--episodes 10] [--gif out.gif] [--compare-random]
+    """python diamond.py eval --ckpt RUN [--episodes 10] [--gif play.gif] [--compare-random]
     python diamond.py eval --from-official Breakout.pt --game Breakout-v5   (an official agent, large preset)"""
     p = common.ArgumentParser(description="Play the real game with a trained DIAMOND agent.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a checkpoint of this script (RUN_DIR/ckpt.pt)")
-    src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent checkpoint")
-    p.add_argument("--game", help="the game (needed with --from-official; default: the checkpoint's)")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--max-steps", type=int, help="cap per episode (default: the config's eval_max_steps)")
+    src.add_argument("--ckpt", metavar="RUN", help="a run of this script (its folder or its ckpt.pt)")
+    src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent checkpoint (needs --game)")
+    p.add_argument("--game", help="the game to play; default %(default)s = the run's")
+    p.add_argument("--episodes", type=int, default=10, help="test episodes, played in parallel")
+    p.add_argument("--max-steps", type=int, help="cap per episode; default %(default)s = the run's eval_max_steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the test episodes (no-op starts) and actions")
     p.add_argument("--epsilon", type=float, default=0.0, help="epsilon-greedy actions (1 = random policy)")
     p.add_argument("--compare-random", action="store_true", help="also play the same episodes at random")
-    p.add_argument("--gif", help="save the first episode as an animated GIF")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--gif", help="save the first episode as an animated GIF (a .gif path)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
     common.check_ranges(args, positive=("episodes", "max_steps"), unit=("epsilon",))
+    gif = gif_path(args.gif, "--gif") if args.gif else None
     # the published agents use the paper's networks (large preset)
-    cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"]) if args.ckpt else DiamondConfig()
+    cfg, _ = load_run(args.ckpt) if args.ckpt else (DiamondConfig(), None)
+    sd = read_agent(args.ckpt or args.from_official)
+    trained_on = cfg.game if args.ckpt else ""
     cfg.game, cfg.device = args.game or cfg.game, args.device
     cfg.eval_max_steps = args.max_steps or cfg.eval_max_steps
     device = common.pick_device(cfg.device)
@@ -1647,10 +1760,11 @@ def eval_command(argv) -> dict:
     make_env = lambda: AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
                                    seed=args.seed, device=device)
     env = make_env()
+    check_actions(sd, cfg.game, env.num_actions, trained_on)
     agent = Agent(cfg, env.num_actions)
-    load_official_agent(agent, args.ckpt or args.from_official)  # strict per part: a wrong game fails here
+    load_agent(agent, sd, args.ckpt or args.from_official)
     agent.to(device).eval()
-    frames, t0 = [] if args.gif else None, time.time()
+    frames, t0 = [] if gif else None, time.time()
     r = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, args.epsilon,
                         torch.Generator().manual_seed(args.seed), frames)
     r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
@@ -1661,9 +1775,8 @@ def eval_command(argv) -> dict:
     names = env.envs[0].action_names  # what the policy does: its most frequent actions
     top = sorted(zip(r["action_freq"], names), reverse=True)[:4]
     print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top) + f" (uniform {1 / len(names):.0%})")
-    if args.gif:
-        common.save_gif(frames, args.gif, fps=15)
-        print(f"wrote {args.gif} ({len(frames)} frames)")
+    if gif:
+        write_gif(np.stack(frames), gif, fps=15, what="episode 1")
     if args.compare_random:
         rr = evaluate_policy(agent.actor_critic, make_env(), cfg.eval_max_steps, 1.0,
                              torch.Generator().manual_seed(args.seed))
@@ -1675,14 +1788,15 @@ def eval_command(argv) -> dict:
 
 def dream_command(argv) -> dict:
     p = common.ArgumentParser(description="The real game and the world model's dream of it, side by side.")
-    p.add_argument("--ckpt", required=True, help="RUN_DIR/ckpt.pt")
-    p.add_argument("--steps", type=int, default=100, help="imagined steps after the 4 real context frames")
-    p.add_argument("--out", default="dream.gif")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt", metavar="RUN", required=True, help="a run of this script (its folder or its ckpt.pt)")
+    p.add_argument("--steps", type=int, default=100, help="imagined steps after the real context frames")
+    p.add_argument("--out", help="the GIF to write; default %(default)s = RUN/dream.gif")
+    p.add_argument("--seed", type=int, default=0, help="seed of the real game and of the sampler")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     args = p.parse_args(argv)
     common.check_ranges(args, positive=("steps",))
-    return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
+    out = gif_path(args.out, "--out") if args.out else None
+    return dream(args.ckpt, args.steps, out, args.seed, args.device)
 
 
 COMMANDS = {"train": (lambda argv: train_command(argv), "collect, train the world model and the agent (default)"),

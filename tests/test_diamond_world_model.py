@@ -115,7 +115,7 @@ def test_sampler_parity(golden):
     den, gs = official_denoiser(golden), golden["sampler"]
     obs, act = golden_obs(golden)
     for name in ("euler", "heun"):
-        sampler = diamond.EulerSampler(den, **golden["configs"]["sampler_" + name])
+        sampler = diamond.DiffusionSampler(den, **golden["configs"]["sampler_" + name])
         assert maxerr(sampler.sigmas, gs["sigmas"]) < 1e-6
         torch.manual_seed(gs["seed"])  # meta/sampler: prev = obs[:, 1:5], act[:, 1:5]; x0 = first randn
         x, traj = sampler.sample(obs[:, 1:5], act[:, 1:5])
@@ -135,7 +135,7 @@ def test_sampler_parity(golden):
     calls = []
     den_denoise = den.denoise
     den.denoise = lambda *a: calls.append(1) or den_denoise(*a)
-    diamond.EulerSampler(den, 3, order=2).sample(obs[:, 1:5], act[:, 1:5])
+    diamond.DiffusionSampler(den, 3, order=2).sample(obs[:, 1:5], act[:, 1:5])
     assert len(calls) == 5
 
 
@@ -365,16 +365,27 @@ def test_dream_gif_from_checkpoint(tmp_path, capsys):
           **{"rew_end_model." + k: v for k, v in rem.state_dict().items()}}
     config = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     common.save_checkpoint(tmp_path / "ckpt.pt", {"kind": "diamond", "config": config, "model": sd})
-    r = diamond.dream(str(tmp_path / "ckpt.pt"), steps=5, out=str(tmp_path / "dream.gif"))
-    assert r["real"].shape == r["dream"].shape == (4 + 5, 3, 32, 32)
+    r = diamond.dream(tmp_path, steps=5)  # the run folder; the GIF goes into it
+    assert r["real"].shape == r["dream"].shape == (4 + 5, 3, 32, 32) and r["out"] == tmp_path / "dream.gif"
     assert np.array_equal(r["real"][:4], r["dream"][:4]) and len(r["frame_mae"]) == 5
+    head, scale = diamond.LABEL_HEIGHT, diamond.GIF_PIXELS // 32  # 32 px frames become 256 px
     with Image.open(tmp_path / "dream.gif") as gif:
-        assert gif.n_frames == 9 and gif.size == (4 * (2 * 32 + 2), 4 * 32)
-    assert "per-frame mean abs error" in capsys.readouterr().out
+        assert gif.size == (2 * 32 * scale + 2 * scale, head + 32 * scale)
+        frames = gif.n_frames
+        first = np.asarray(gif.convert("RGB"))
+    # "real" above the left half, "dream" above the right one: dark text pixels on the white strip
+    ink = (first[:head] < 128).all(axis=2)
+    assert ink[:, :32 * scale].sum() > 20 and ink[:, 34 * scale:].sum() > ink[:, :32 * scale].sum()
+    assert (first[head:, 32 * scale:34 * scale] == 255).all()  # the white bar between the halves
+    nearest = r["real"][0].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # each pixel a scale x scale block
+    assert np.array_equal(first[head:, :32 * scale], nearest)
+    out = capsys.readouterr().out
+    assert f"dream.gif: 5 imagined frames after 4 real ones, 9 steps in {frames} GIF frames" in out
+    assert "per-frame mean abs error" in out
     # a checkpoint of a game with another action count is refused
     cfg_pong = dict(config, game="Pong-v5")
     common.save_checkpoint(tmp_path / "pong.pt", {"kind": "diamond", "config": cfg_pong, "model": sd})
-    with pytest.raises(ValueError, match="another game"):
+    with pytest.raises(ValueError, match="this agent has 4 actions and Pong-v5 has 6"):
         diamond.dream(str(tmp_path / "pong.pt"), steps=2, out=str(tmp_path / "x.gif"))
 
 
@@ -412,3 +423,36 @@ def test_collector_policy_hook_and_episode_boundaries():
     seen.clear()
     col.collect(10, policy, epsilon=1.0)
     assert not seen
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's own imports
+def test_networks_are_plain_pytorch_blocks():
+    """Standard modules and functional ops only: torch.func's forward-mode jvp and vmap run through the
+    denoiser U-Net (attention included), and every nn.Conv2d / nn.Linear a forward pass uses is called as a
+    module (its forward hook fires), in all three networks."""
+    from torch.func import jvp, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    net = diamond.DiffusionUNet(4, channels=(8, 8), depths=(1, 1), attn_depths=(0, 1), cond_channels=16)
+    for p in net.parameters():  # no zero-initialised layer: every path carries a tangent
+        torch.nn.init.normal_(p, std=0.2)
+    x, c, obs, act = torch.randn(3, 3, 8, 8), torch.randn(3), torch.randn(3, 12, 8, 8), torch.randint(4, (3, 4))
+    f = lambda x_: net(x_, c, obs, act)
+    v = torch.randn_like(x)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # torch's fused CPU attention has no forward-mode rule
+        out, tangent = jvp(f, (x,), (v,))
+        batched = vmap(lambda *a: net(*(t.unsqueeze(0) for t in a)).squeeze(0))(x, c, obs, act)
+        eps = 1e-3  # central difference: error O(eps^2) against float32 rounding ~1e-7 / eps
+        fd = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
+    assert torch.equal(out, f(x)) and (tangent - fd).abs().max() < 1e-3 * tangent.abs().max()
+    assert (batched - out).abs().max() < 1e-5  # per-sample vs batched kernels: rounding only
+    cfg = diamond.DiamondConfig(preset="tiny")
+    agent = diamond.Agent(cfg, 4)
+    fired, layers = set(), [m for m in agent.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for m in layers:
+        m.register_forward_hook(lambda mod, inp, out: fired.add(mod))
+    frames, a = torch.rand(2, 5, 3, 32, 32) * 2 - 1, torch.randint(4, (2, 5))
+    agent.denoiser.loss(frames, a, torch.ones(2, 5, dtype=torch.bool))
+    agent.rew_end_model.predict_rew_end(frames[:, :-1], a[:, :-1], frames[:, 1:])
+    agent.actor_critic(frames[:, 0])
+    assert fired == set(layers), [n for n, m in agent.named_modules() if m in set(layers) - fired]
