@@ -267,15 +267,21 @@ def test_dataset_segments_and_padding_masks():
     assert abs((first >= 6).float().mean().item() - 0.7) < 0.04
 
 
+def collection(env, ds, seed=0):
+    """The Trainer's collection: an untrained actor-critic (zero heads: uniform actions) stepping a Recorder."""
+    ac = diamond.ActorCriticNetwork(env.num_actions, (4, 4, 4, 4), 8, env.envs[0].obs_size)
+    return diamond.AgentEnvLoop(diamond.Recorder(env, ds), ac, generator=torch.Generator().manual_seed(seed))
+
+
 def test_replay_save_load_round_trip(tmp_path):
     env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
     ds = diamond.ReplayDataset((3, 32, 32))
-    col = diamond.Collector(env, ds, seed=0)
-    stats = col.collect(120)
-    assert stats["steps"] == 120 and len(ds) == 120
+    loop = collection(env, ds)
+    loop.rollout(60, grad=False)
+    assert len(ds) == 120
     assert any(ep.finished for ep in ds.episodes) and any(not ep.finished for ep in ds.episodes)
     ds.save(tmp_path / "replay")
-    col.collect(40)  # the open episodes grow; a crash before the next save keeps the saved state
+    loop.rollout(20, grad=False)  # the open episodes grow; a crash before the next save keeps the saved state
     ds.episodes[0].saved = False
     ds_tmp_files = sorted(p.name for p in (tmp_path / "replay").iterdir())
     assert "index.json" in ds_tmp_files and not any(n.startswith(".") for n in ds_tmp_files)
@@ -307,7 +313,7 @@ def tiny_world_model(num_actions, obs_size=32):
 def breakout_data():
     env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
     ds = diamond.ReplayDataset((3, 32, 32))
-    diamond.Collector(env, ds, seed=0).collect(300)
+    collection(env, ds).rollout(150, grad=False)
     return ds
 
 
@@ -389,18 +395,16 @@ def test_dream_gif_from_checkpoint(tmp_path, capsys):
         diamond.dream(str(tmp_path / "pong.pt"), steps=2, out=str(tmp_path / "x.gif"))
 
 
-def test_collector_policy_hook_and_episode_boundaries():
+def test_recorder_keeps_every_transition_and_episode_boundary():
     env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=1)
     ds = diamond.ReplayDataset((3, 32, 32))
-    seen = []
-
-    def policy(obs, first):  # env 0 cycles FIRE, RIGHT, LEFT (loses lives); env 1 always NOOP
+    rec = diamond.Recorder(env, ds)
+    obs, _ = rec.reset()
+    seen, first = [], torch.ones(2, dtype=torch.bool)  # first: the env's episode starts at this step
+    for t in range(150):  # env 0 cycles FIRE, RIGHT, LEFT (loses lives); env 1 always NOOP
         seen.append((obs.clone(), first.clone()))
-        return torch.tensor([len(seen) % 3 + 1, 0])
-
-    col = diamond.Collector(env, ds, seed=0)
-    col.collect(300, policy)
-    assert len(seen) == 150 and bool(seen[0][1].all())
+        obs, _, _, _, info = rec.step(torch.tensor([(t + 1) % 3 + 1, 0]))
+        first = torch.from_numpy(info["dead"].copy())
     # each env's episodes, in order, hold exactly the frames and actions it saw; `first` marks their starts
     for i in range(2):
         mine = [ep for ep in ds.episodes if (ep.act[:ep.len] == 0).all() == (i == 1)]  # chronological
@@ -419,10 +423,17 @@ def test_collector_policy_hook_and_episode_boundaries():
                 else:  # the 5th life: game over, the next obs is a new game's first frame
                     assert not torch.equal(diamond.frames_to_float(ep.final_obs), frames[t0 + ep.len])
     assert len(starts) == 1 and sum(ep.finished for ep in ds.episodes) >= 1  # env 1 never launched the ball
-    # epsilon = 1: the policy is never asked
-    seen.clear()
-    col.collect(10, policy, epsilon=1.0)
-    assert not seen
+    # collection is AgentEnvLoop over the Recorder: the policy's actions are recorded; with epsilon = 1 (one
+    # draw per step for all envs) they are uniform whatever the policy prefers
+    ac = diamond.ActorCriticNetwork(4, (4, 4, 4, 4), 8, 32)
+    torch.nn.init.constant_(ac.actor_linear.bias[0], 30.0)  # the policy: NOOP, almost surely
+    n0 = [ep.len for ep in ds.episodes]
+    for epsilon, uniform in ((0.0, False), (1.0, True)):
+        r = diamond.AgentEnvLoop(rec, ac, epsilon, torch.Generator().manual_seed(0)).rollout(40, grad=False)
+        counts = torch.bincount(r["act"].flatten(), minlength=4)
+        assert (counts > 5).all() if uniform else counts[0] == 80, counts
+    new = np.concatenate([ep.act[n0[j] if j < len(n0) else 0:ep.len] for j, ep in enumerate(ds.episodes)])
+    assert len(new) == 160 and sorted(new.tolist()) == sorted(r["act"].flatten().tolist() + [0] * 80)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's own imports
