@@ -74,7 +74,7 @@ PRESETS: dict[str, dict] = {
                  actor_critic_steps_per_epoch=15, batch_size=8, imagination_batch_size=8, learning_rate=5e-4,
                  warmup_steps=20, eval_every=2, eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
 }
-# every stage once, in under a minute on a CPU: the header's smoke run
+# every stage once, with the fewest steps: the header's CPU smoke run
 PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=300,
                         initial_collection_max=300, denoiser_steps_first_epoch=10,
                         rew_end_steps_first_epoch=10, actor_critic_steps_first_epoch=3, eval_episodes=2,
@@ -182,7 +182,7 @@ def check_config(cfg: DiamondConfig) -> None:
                        "env_steps_per_epoch", "eval_every", "eval_episodes", "final_eval_episodes",
                        "eval_max_steps", "learning_rate", "max_grad_norm_denoiser", "max_grad_norm_rew_end",
                        "max_grad_norm_actor_critic"),
-        non_negative=("warmup_steps", "initial_collection_steps", "initial_collection_max",
+        non_negative=("seed", "warmup_steps", "initial_collection_steps", "initial_collection_max",
                       "denoiser_steps_first_epoch", "rew_end_steps_first_epoch",
                       "actor_critic_steps_first_epoch", "denoiser_steps_per_epoch", "rew_end_steps_per_epoch",
                       "actor_critic_steps_per_epoch", "weight_decay", "actor_critic_weight_decay",
@@ -1354,7 +1354,7 @@ class Trainer:
         for n in MODEL_NAMES:
             self.opt[n].load_state_dict(s["opt"][n])
             self.sched[n].load_state_dict(s["sched"][n])
-        self.steps, self.epoch, self.random_return = dict(s["steps"]), s["epoch"], s["random_return"]
+        self.steps, self.epoch, self.random_return = dict(s["steps"]), s["epoch"], s.get("random_return")
         # every step saved so far, also those collected after the checkpoint (a kill mid-epoch)
         self.dataset = ReplayDataset.load(self.dataset_dir)
 
@@ -1683,10 +1683,10 @@ def eval_command(argv) -> dict:
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
-    common.check_ranges(args, positive=("episodes", "max_steps"), unit=("epsilon",))
+    common.check_ranges(args, positive=("episodes", "max_steps"), non_negative=("seed",), unit=("epsilon",))
     gif = gif_path(args.gif, "--gif") if args.gif else None
-    cfg = load_run(args.ckpt)[0] if args.ckpt else DiamondConfig()  # the published agents: the paper's sizes
-    sd, trained_on = read_agent(args.ckpt or args.from_official), cfg.game if args.ckpt else ""
+    cfg, state = load_run(args.ckpt) if args.ckpt else (DiamondConfig(), None)  # official: the paper's sizes
+    sd, trained_on = (state["model"], cfg.game) if state else (read_agent(args.from_official), "")
     cfg.game, cfg.eval_max_steps = args.game or cfg.game, args.max_steps or cfg.eval_max_steps
     device = common.pick_device(args.device)
     # the same seed gives the same episodes (no-op starts) for the policy and the random comparison
@@ -1725,7 +1725,7 @@ def dream_command(argv) -> dict:
     p.add_argument("--seed", type=int, default=0, help="seed of the real game and of the sampler")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     args = p.parse_args(argv)
-    common.check_ranges(args, positive=("steps",))
+    common.check_ranges(args, positive=("steps",), non_negative=("seed",))
     out = gif_path(args.out, "--out") if args.out else None
     return dream(args.ckpt, args.steps, out, args.seed, args.device)
 
