@@ -1240,7 +1240,8 @@ def save_gif(frames, path, fps: float = 10, scale: int = 1) -> Path:
     return path
 
 
-CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                 (23, 190, 207)]
 
 
 def _nice_ticks(lo: float, hi: float, most: int = 6) -> list:
@@ -1261,7 +1262,7 @@ def save_curves(path, panels: list, panel_size: tuple = (440, 300), columns: int
     levels); each panel gets axes with round tick values, light grid lines and a legend. Returns the path."""
     from PIL import ImageDraw
     w, h = panel_size
-    left, right, top, bottom = 52, 14, 40, 36  # margins of the plot area: tick labels; title and legend; x label
+    left, right, top, bottom = 52, 14, 40, 36  # plot-area margins: tick labels; title and legend; x label
     rows = math.ceil(len(panels) / columns)
     img = Image.new("RGB", (w * min(columns, len(panels)), h * rows), "white")
     draw = ImageDraw.Draw(img)
@@ -1277,7 +1278,8 @@ def save_curves(path, panels: list, panel_size: tuple = (440, 300), columns: int
         if not xs:
             draw.text((x0 + 8, (y0 + y1) / 2), "no data yet", fill="gray")
             continue
-        (xlo, xhi), (ylo, yhi) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1) for v in (xs, ys)]
+        (xlo, xhi), (ylo, yhi) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1)
+                                  for v in (xs, ys)]
         xlo, xhi = xlo - 0.03 * (xhi - xlo), xhi + 0.03 * (xhi - xlo)  # keep points off the frame
         ylo, yhi = ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo)
         px = lambda x: x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)

@@ -335,7 +335,8 @@ def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
     state = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert state["kind"] == "diamond" and state["epoch"] == 2
     # the random policy's level, measured once on the evaluation episodes, is kept for the curves
-    assert rows[0]["eval/random_return_mean"] == state["random_return"] and "eval/random_return_mean" not in rows[1]
+    assert rows[0]["eval/random_return_mean"] == state["random_return"]
+    assert "eval/random_return_mean" not in rows[1]
     with Image.open(run_dir / "curves.png") as png:
         assert png.size == (880, 600)  # 2 x 2 panels: return, and the three losses
     assert (run_dir / "dream.gif").is_file()
@@ -413,7 +414,7 @@ def test_random_streams_depend_on_the_position_only(tmp_path):
     t.collect_initial()
     t.epoch = 1
     loss = t.world_model_loss("denoiser")[0].item()
-    torch.rand(3), np.random.rand(), t.world_model_loss("rew_end_model")  # other draws in between change nothing
+    torch.rand(3), np.random.rand(), t.world_model_loss("rew_end_model")  # other draws in between: no change
     assert t.world_model_loss("denoiser")[0].item() == loss
     t.steps["denoiser"] += 1
     assert t.world_model_loss("denoiser")[0].item() != loss
@@ -439,7 +440,8 @@ def test_run_killed_before_its_first_epoch_resumes_from_its_data(tmp_path, monke
     state = torch.load(run / "ckpt.pt", weights_only=True)
     after = diamond.ReplayDataset.load(run / "dataset")
     assert state["epoch"] == 1 and state["steps"]["denoiser"] == 3 and len(after) == 120
-    assert np.array_equal(after.episodes[0].obs[:before.episodes[0].len], before.episodes[0].obs[:before.episodes[0].len])
+    n = before.episodes[0].len
+    assert np.array_equal(after.episodes[0].obs[:n], before.episodes[0].obs[:n])
     assert f"run folder: {run}" in capsys.readouterr().out
 
 
@@ -449,10 +451,12 @@ def test_progress_lines_for_every_phase(tmp_path):
     lines = []
     diamond.Trainer(micro_config(num_epochs=1), tmp_path, log=lines.append, progress_every=0).run()
     rate = r" \| [\d.]+ {unit}/s \| ETA \d\d:\d\d:\d\d"
-    for head, unit in (("epoch 0/1 | collect 120/120 steps", "steps"), ("epoch 1/1 | denoiser 3/3 updates", "updates"),
+    for head, unit in (("epoch 0/1 | collect 120/120 steps", "steps"),
+                       ("epoch 1/1 | denoiser 3/3 updates", "updates"),
                        ("epoch 1/1 | rew_end_model 3/3 updates", "updates"),
                        ("epoch 1/1 | actor_critic 2/2 updates", "updates"),
-                       ("epoch 1/1 | random policy 1/40 steps", "steps"), ("epoch 1/1 | eval 1/40 steps", "steps")):
+                       ("epoch 1/1 | random policy 1/40 steps", "steps"),
+                       ("epoch 1/1 | eval 1/40 steps", "steps")):
         assert any(re.fullmatch(re.escape(head) + rate.format(unit=unit), s) for s in lines), (head, lines)
 
 
@@ -526,8 +530,8 @@ def breakout_run(tmp_path_factory):
 
 
 def run_script(*argv, cwd):
-    out = subprocess.run([sys.executable, str(ROOT / "diamond.py"), *map(str, argv)], cwd=cwd, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "diamond.py"), *map(str, argv)], cwd=cwd,
+                         capture_output=True, text=True, timeout=120)
     return out.returncode, out.stderr.strip()
 
 
@@ -535,9 +539,10 @@ def run_script(*argv, cwd):
     (["evl"], "error: unknown command 'evl'; did you mean 'eval'?"),
     (["--game", "Breakot"], "error: --game 'Breakot' is not an Atari game of ale-py; closest: Breakout"),
     (["eval", "--ckpt", "RUN", "--game", "Pong"],
-     "error: this run was trained on Breakout-v5 (4 actions) and Pong has 6: drop --game, or use a checkpoint "
-     "trained on Pong"),
-    (["dream", "--ckpt", "RUN", "--out", "dream.png"], "error: --out dream.png: give a file name ending in .gif"),
+     "error: this run was trained on Breakout-v5 (4 actions) and Pong has 6: drop --game, or use a "
+     "checkpoint trained on Pong"),
+    (["dream", "--ckpt", "RUN", "--out", "dream.png"],
+     "error: --out dream.png: give a file name ending in .gif"),
 ])
 def test_user_errors_are_one_line_before_any_work(breakout_run, tmp_path, argv, message):
     before = sorted(p.name for p in breakout_run.iterdir())
@@ -549,12 +554,13 @@ def test_user_errors_are_one_line_before_any_work(breakout_run, tmp_path, argv, 
 def test_misspelt_game_fails_the_config_check():
     cfg = diamond.DiamondConfig(preset="tiny")
     cfg.game = "Breakot"
-    with pytest.raises(ValueError, match="--game 'Breakot' is not an Atari game of ale-py; closest: Breakout"):
+    message = "--game 'Breakot' is not an Atari game of ale-py; closest: Breakout"
+    with pytest.raises(ValueError, match=message):
         diamond.check_config(cfg)
 
 
-def test_paths_take_the_run_folder_or_its_checkpoint_and_outputs_land_in_it(breakout_run, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_paths_take_the_run_folder_or_its_checkpoint_and_outputs_land_in_it(breakout_run, tmp_path,
+                                                                            monkeypatch, capsys):
     run = tmp_path / "run"
     shutil.copytree(breakout_run, run)
     monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded in every path flag
@@ -565,16 +571,18 @@ def test_paths_take_the_run_folder_or_its_checkpoint_and_outputs_land_in_it(brea
         with Image.open(run / "dream.gif") as gif:
             frames = gif.n_frames
             assert gif.size == (8 * 32 * 2 + 2 * 8, diamond.LABEL_HEIGHT + 8 * 32)  # 32 px frames upscaled x8
-        assert re.fullmatch(rf"wrote {run}/dream.gif( \(replaced the existing file\))?: 3 imagined frames after 4 "
-                            rf"real ones, 7 steps in {frames} GIF frames.*", line), line
+        assert re.fullmatch(rf"wrote {run}/dream.gif( \(replaced the existing file\))?: 3 imagined frames "
+                            rf"after 4 real ones, 7 steps in {frames} GIF frames.*", line), line
     assert "(replaced the existing file)" in line  # the second dream wrote over the first
     diamond.main(["dream", "--ckpt", "~/run", "--steps", "2", "--out", "~/d.gif"])
     assert (tmp_path / "d.gif").is_file()
-    diamond.main(["eval", "--ckpt", "~/run/ckpt.pt", "--episodes", "1", "--max-steps", "30", "--gif", "~/play.gif"])
+    diamond.main(["eval", "--ckpt", "~/run/ckpt.pt", "--episodes", "1", "--max-steps", "30",
+                  "--gif", "~/play.gif"])
     line = capsys.readouterr().out.splitlines()[-1]
     with Image.open(tmp_path / "play.gif") as gif:
         assert gif.size == (256, 256)
-        assert re.fullmatch(rf"wrote {tmp_path}/play.gif: episode 1, \d+ steps in {gif.n_frames} GIF frames.*", line)
+        frames = gif.n_frames
+    assert re.fullmatch(rf"wrote {tmp_path}/play.gif: episode 1, \d+ steps in {frames} GIF frames.*", line)
     with pytest.raises(ValueError, match="--gif .*play.mp4: give a file name ending in .gif"):
         diamond.main(["eval", "--ckpt", "~/run", "--gif", "~/play.mp4"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gif", "play.gif", "run"]
@@ -600,7 +608,8 @@ def test_save_curves_draws_series_and_reference_lines(tmp_path):
     panels = [dict(title="return", xlabel="steps", series={"agent": [(100, 10.0), (0, 0.0), (50, 4.0)]},
                    hlines={"random policy": 5.0}),
               dict(title="loss", xlabel="updates", series={"loss": []})]
-    img = np.asarray(Image.open(diamond.common.save_curves(tmp_path / "c.png", panels, (400, 300))).convert("RGB"))
+    path = diamond.common.save_curves(tmp_path / "c.png", panels, (400, 300))
+    img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape == (300, 800, 3)
     blue, red = (np.all(img == c, axis=2) for c in diamond.common.CURVE_COLOURS[:2])
     plot = (slice(41, 264), slice(53, 386))  # inside panel 0's frame (margins 52 / 14 / 40 / 36)

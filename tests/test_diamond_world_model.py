@@ -268,7 +268,7 @@ def test_dataset_segments_and_padding_masks():
 
 
 def collection(env, ds, seed=0):
-    """The Trainer's collection: an untrained actor-critic (zero heads: uniform actions) stepping a Recorder."""
+    """The Trainer's collection: an untrained actor-critic (zero heads: uniform) stepping a Recorder."""
     ac = diamond.ActorCriticNetwork(env.num_actions, (4, 4, 4, 4), 8, env.envs[0].obs_size)
     return diamond.AgentEnvLoop(diamond.Recorder(env, ds), ac, generator=torch.Generator().manual_seed(seed))
 
@@ -383,7 +383,7 @@ def test_dream_gif_from_checkpoint(tmp_path, capsys):
     ink = (first[:head] < 128).all(axis=2)
     assert ink[:, :32 * scale].sum() > 20 and ink[:, 34 * scale:].sum() > ink[:, :32 * scale].sum()
     assert (first[head:, 32 * scale:34 * scale] == 255).all()  # the white bar between the halves
-    nearest = r["real"][0].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # each pixel a scale x scale block
+    nearest = r["real"][0].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # a pixel: a scale^2 block
     assert np.array_equal(first[head:, :32 * scale], nearest)
     out = capsys.readouterr().out
     assert f"dream.gif: 5 imagined frames after 4 real ones, 9 steps in {frames} GIF frames" in out
@@ -447,10 +447,11 @@ def test_networks_are_plain_pytorch_blocks():
     net = diamond.DiffusionUNet(4, channels=(8, 8), depths=(1, 1), attn_depths=(0, 1), cond_channels=16)
     for p in net.parameters():  # no zero-initialised layer: every path carries a tangent
         torch.nn.init.normal_(p, std=0.2)
-    x, c, obs, act = torch.randn(3, 3, 8, 8), torch.randn(3), torch.randn(3, 12, 8, 8), torch.randint(4, (3, 4))
+    x, c, obs = torch.randn(3, 3, 8, 8), torch.randn(3), torch.randn(3, 12, 8, 8)
+    act = torch.randint(4, (3, 4))
     f = lambda x_: net(x_, c, obs, act)
     v = torch.randn_like(x)
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # torch's fused CPU attention has no forward-mode rule
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # fused CPU attention kernels: no forward-mode rule
         out, tangent = jvp(f, (x,), (v,))
         batched = vmap(lambda *a: net(*(t.unsqueeze(0) for t in a)).squeeze(0))(x, c, obs, act)
         eps = 1e-3  # central difference: error O(eps^2) against float32 rounding ~1e-7 / eps
