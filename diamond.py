@@ -1497,8 +1497,8 @@ class Trainer:
             s += f" | {short} loss {logs[f'{name}/loss']:.4f}" if f"{name}/loss" in logs else ""
         if "eval/return_mean" in logs:
             hns = logs.get("eval/hns")
-            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}"
-                  + (f", HNS {hns:.3f})" if hns is not None else ")"))
+            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}, random "
+                  f"policy {self.random_return:.1f}" + (f", HNS {hns:.3f})" if hns is not None else ")"))
         return s + f" | {logs['epoch_seconds']:.0f} s"
 
 # =====================================================================================================

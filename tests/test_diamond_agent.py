@@ -330,7 +330,7 @@ def test_tiny_loop_end_to_end(tmp_path, monkeypatch, capsys):
         assert r["eval/hns"] == pytest.approx(diamond.human_normalized_score("Breakout", r["eval/return_mean"]))
     assert len(result["returns"]) == 2
     out = capsys.readouterr().out
-    assert "epoch 2/2" in out and "final evaluation" in out and "HNS" in out
+    assert "epoch 2/2" in out and "final evaluation" in out and "HNS" in out and ", random policy " in out
     assert "updates/s" not in out  # progress lines are time-gated: a short run only prints its epochs
     state = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert state["kind"] == "diamond" and state["epoch"] == 2
