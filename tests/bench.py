@@ -153,7 +153,7 @@ def bench_diamond():
     act = torch.randint(0, num_actions, (B, K + 1), device=DEVICE)
     mask = torch.ones(B, K + 1, dtype=torch.bool, device=DEVICE)
     train = train_rate(den, lambda: den.loss(obs, act, mask)[0], B)
-    sampler = diamond.EulerSampler(den, num_steps_denoising=3)
+    sampler = diamond.DiffusionSampler(den, num_steps_denoising=3)
     with autocast():
         sec1 = timeit(lambda: sampler.sample(obs[:1, :K], act[:1, :K]), min_time=2.0)
     # One actor-critic batch of imagination at this size: 32 envs x horizon 15 x 3 NFE. Measured on a
