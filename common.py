@@ -1268,7 +1268,6 @@ def save_curves(path, panels: list, panel_size: tuple = (440, 300), columns: int
     """Line plots with pillow only, written atomically (a viewer never sees half a file). panels: dicts with
     "title", "xlabel", "series" {name: [(x, y), ...]} and optionally "hlines" {name: y} (dashed reference
     levels); each panel gets axes with round tick values, light grid lines and a legend. Returns the path."""
-    from PIL import ImageDraw
     w, h = panel_size
     left, right, top, bottom = 52, 14, 40, 36  # plot-area margins: tick labels; title and legend; x label
     rows = math.ceil(len(panels) / columns)
