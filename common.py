@@ -2031,12 +2031,25 @@ class Run:
             res = evaluate_model(model_view(), cfg.eval_n, cfg.seed, cfg.data_root)
             self.log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
             print(f"step {done} eval: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+        if done % cfg.log_every == 0 or last:
+            self.draw_curves()
         if (cfg.sample_every and done % cfg.sample_every == 0) or last:
             save_samples(model_view(), self.dir / f"samples_{done:07d}.png", cfg.sample_n, cfg.seed)
         if done % cfg.ckpt_every == 0 or last:
             save_checkpoint(self.dir / "ckpt.pt", save_state(done))
         if last:
             print(f"done: {self.dir}/ckpt.pt, {self.dir}/samples_{done:07d}.png")
+
+
+    def draw_curves(self) -> None:
+        """curves.png from metrics.jsonl (a resumed run draws its whole history): the loss, and the sample-quality
+        metrics of the evaluations, against training steps."""
+        rows = [json.loads(line) for line in self.log.path.read_text().splitlines()]
+        panel = lambda title, keys: {"title": title, "xlabel": "training step", "series": {  # noqa: E731
+            k.split("/")[-1]: [(r["step"], r[k]) for r in rows if "sampler" not in r and k in r] for k in keys}}
+        panels = [panel("training loss", ["loss"]), panel("shapes-FD (lower is better)", ["eval/shapes_fd"]),
+                  panel("class accuracy, precision, recall", ["eval/class_acc", "eval/precision", "eval/recall"])]
+        save_curves(self.dir / "curves.png", panels if self.cfg.eval_every else panels[:1], columns=3)
 
 
 def sample_parser(prog: str, sources: dict) -> ArgumentParser:
