@@ -231,6 +231,7 @@ def test_each_variant_trains(variant):
         dit.train_step(model, opt, diffusion, x_all[i:i + 16], labels[i:i + 16], cfg,
                        torch.Generator().manual_seed(step))
     after = eval_loss()
+    # measured 0.49-0.56 x before over 4 seeds and every variant: far from 0.7 for any CPU's rounding
     assert after < 0.7 * before, (variant, before, after)
 
 
@@ -246,9 +247,9 @@ def test_vlb_is_zero_for_the_true_posterior():
     t = torch.tensor([1, 10, 500, 999])
     x_t = d.q_sample(x0, t, noise)
     vb = d.vlb_terms(x0, x_t, t, noise, -torch.ones_like(x0))
-    assert vb.abs().max().item() < 1e-8
+    assert vb.abs().max().item() < 1e-12  # float64: the KL's -1 + exp(d) - d cancels to ~1e-16 (measured 3e-16)
     vb_off = d.vlb_terms(x0, x_t, t, noise, torch.ones_like(x0))  # variance beta_t instead: KL > 0
-    assert (vb_off > 0).all()
+    assert (vb_off > 0).all()  # smallest at t = 999, where beta ~ beta~: 2.4e-13, ~1000x that rounding
 
 
 def test_learn_sigma_vlb_gradient_reaches_only_variance_channels():
@@ -260,9 +261,10 @@ def test_learn_sigma_vlb_gradient_reaches_only_variance_channels():
     (g_sig,) = torch.autograd.grad(loss_sig, out)
     loss_mse, _ = d.loss(net, x0, learn_sigma=False, generator=torch.Generator().manual_seed(0))
     (g_mse,) = torch.autograd.grad(loss_mse, out)
-    assert torch.allclose(g_sig[:, :3], g_mse[:, :3])     # eps channels: MSE gradient only (stop-grad)
+    assert torch.allclose(g_sig[:, :3], g_mse[:, :3])     # eps channels: MSE gradient only (stop-grad; same ops)
     assert g_sig[:, 3:].abs().sum() > 0 and m["vb"] > 0    # variance channels learn from L_vlb
-    assert torch.allclose(loss_sig, loss_mse + m["vb"])
+    # mean(mse + vb) vs mean(mse) + mean(vb): float32 sums of 4 terms in two orders, a few ulp
+    torch.testing.assert_close(loss_sig, loss_mse + m["vb"], rtol=1e-6, atol=0)
 
 
 # -----------------------------------------------------------------------------------------------------
