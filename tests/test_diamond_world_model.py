@@ -137,15 +137,17 @@ def test_sampler_parity(golden):
         err = (x - gs[name + "_next_obs"]).abs()
         # Every denoiser call quantises; our float32 convolutions differ from the reference's by ~1e-6, so a
         # value within that of a level boundary can land one level away (README). Expected flips = sum over pixels
-        # of |code change| ~ 0.2 per call and frame (float32 vs float64, measured): a few per frame on another CPU.
+        # of |code change| ~ 0.2 per call and frame (float32 vs float64, measured): rare, a few at most.
         # Euler: a flip moves later values by less than a level (c_skip < 1), so such pixels differ by exactly one
-        # level. Heun divides by the next sigma (0.28, 0.002) and spreads a flip over ~80 pixels (measured). A
-        # wrong step or schedule changes > 85% of the pixels (measured with Euler <-> Heun and 4 steps for 3).
+        # level; one flip ends as ~10 such pixels (0.1%). Heun divides by the next sigma (0.28, 0.002): one flip at
+        # the first call ends as ~170-250 pixels off (1.4-2%, measured between kernel paths and against the golden).
+        # Both bounds allow ~10 flips in a frame; a wrong step or schedule changes > 85% of the pixels (measured
+        # with Euler <-> Heun and 4 steps for 3).
         frac = (err > LEVEL / 2).flatten(1).float().mean(1)  # per frame; quantised: 0 or >= one level apart
         if name == "euler":
             assert err.max() < 1.5 * LEVEL and frac.max() < 0.01, frac
         else:
-            assert frac.max() < 0.05, frac
+            assert frac.max() < 0.2, frac
     # heun needs 2N - 1 network calls, euler N
     calls = []
     den_denoise = den.denoise
