@@ -1197,6 +1197,77 @@ def save_gif(frames, path, fps: float = 10, scale: int = 1) -> Path:
     return path
 
 
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                 (23, 190, 207)]
+
+
+def _nice_ticks(lo: float, hi: float, most: int = 6) -> list:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], at most `most` of them."""
+    raw = (hi - lo) / (most - 1)
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def _tick_text(v: float) -> str:
+    return f"{v / 1e6:g}M" if abs(v) >= 1e6 else f"{v / 1e3:g}k" if abs(v) >= 1e4 else f"{v:.4g}"
+
+
+def save_curves(path, panels: list, panel_size: tuple = (440, 300), columns: int = 2) -> Path:
+    """Line plots with pillow only, written atomically (a viewer never sees half a file). panels: dicts with
+    "title", "xlabel", "series" {name: [(x, y), ...]} and optionally "hlines" {name: y} (dashed reference
+    levels); each panel gets axes with round tick values, light grid lines and a legend. Returns the path."""
+    w, h = panel_size
+    left, right, top, bottom = 52, 14, 40, 36  # plot-area margins: tick labels; title and legend; x label
+    rows = math.ceil(len(panels) / columns)
+    img = Image.new("RGB", (w * min(columns, len(panels)), h * rows), "white")
+    draw = ImageDraw.Draw(img)
+    text_w = lambda s: draw.textbbox((0, 0), s)[2]
+    for i, panel in enumerate(panels):
+        x0, y0 = (i % columns) * w + left, (i // columns) * h + top  # plot area: (x0, y0) to (x1, y1)
+        x1, y1 = (i % columns + 1) * w - right, (i // columns + 1) * h - bottom
+        draw.text(((x0 + x1 - text_w(panel["title"])) / 2, y0 - 36), panel["title"], fill="black")
+        draw.text(((x0 + x1 - text_w(panel["xlabel"])) / 2, y1 + 18), panel["xlabel"], fill="black")
+        series, hlines = panel["series"], panel.get("hlines", {})
+        xs = [x for pts in series.values() for x, _ in pts]
+        ys = [y for pts in series.values() for _, y in pts] + list(hlines.values())
+        if not xs:
+            draw.text((x0 + 8, (y0 + y1) / 2), "no data yet", fill="gray")
+            continue
+        (xlo, xhi), (ylo, yhi) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1)
+                                  for v in (xs, ys)]
+        xlo, xhi = xlo - 0.03 * (xhi - xlo), xhi + 0.03 * (xhi - xlo)  # keep points off the frame
+        ylo, yhi = ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo)
+        px = lambda x: x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
+        py = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+        for t in _nice_ticks(xlo, xhi):
+            draw.line([(px(t), y0), (px(t), y1)], fill=(230, 230, 230))
+            draw.text((px(t) - text_w(_tick_text(t)) / 2, y1 + 3), _tick_text(t), fill="black")
+        for t in _nice_ticks(ylo, yhi):
+            draw.line([(x0, py(t)), (x1, py(t))], fill=(230, 230, 230))
+            draw.text((x0 - 4 - text_w(_tick_text(t)), py(t) - 6), _tick_text(t), fill="black")
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        legend = []
+        for k, (name, pts) in enumerate(series.items()):
+            colour, pts = CURVE_COLOURS[k % len(CURVE_COLOURS)], sorted(pts)
+            if len(pts) > 1:
+                draw.line([(px(x), py(y)) for x, y in pts], fill=colour, width=2)
+            for x, y in pts:
+                draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
+            legend.append((name, colour))
+        for k, (name, y) in enumerate(hlines.items(), start=len(series)):
+            colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+            for xa in range(int(x0), int(x1), 8):  # dashed
+                draw.line([(xa, py(y)), (min(xa + 4, x1), py(y))], fill=colour, width=2)
+            legend.append((f"{name} ({y:.4g})", colour))
+        lx = x0  # the legend: one row between the title and the plot, never over the data
+        for name, colour in legend:
+            draw.line([(lx, y0 - 12), (lx + 14, y0 - 12)], fill=colour, width=2)
+            draw.text((lx + 18, y0 - 18), name, fill="black")
+            lx += 30 + text_w(name)
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
 # =====================================================================================================
 # 8. checkpoints, run folders, metrics log
 # =====================================================================================================
@@ -1696,6 +1767,11 @@ def parse_train_args(argv, prog: str, description: str, base_config, check, pres
     return cfg, known.resume
 
 
+def device_table(table: torch.Tensor, device) -> torch.Tensor:
+    """A float64 schedule table on the training device (on the CPU for MPS, which has no float64)."""
+    return table.to(device) if torch.device(device).type != "mps" else table.cpu()
+
+
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """The randomness of one training step (t, noise, label dropout; dropout through the re-seeded global
     RNG) as a function of (seed, step, rank), like get_batch's data order: a resumed run repeats an
@@ -1711,7 +1787,8 @@ def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optio
     """L_simple (Ho et al. 2020, eq. 14) per sample: t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x0 +
     sqrt(1 - a_t) eps, and the mean over pixels of (target - out)^2, out the first C channels of
     net(x_t, t, y), target eps, x0 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022). Label
-    dropout (y -> null_label) trains CFG's unconditional model. x0 (B, C, H, W).
+    dropout (y -> null_label) trains CFG's unconditional model. x0 (B, C, H, W); alphas_cumprod (T,)
+    float64, on x0's device to spare a host sync per step (device_table).
     Returns (mse (B,), out (B, C_out, H, W) in float32, x_t, t)."""
     B, C = x0.shape[:2]
     t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device, generator=generator)
@@ -1719,8 +1796,7 @@ def diffusion_loss(net, x0: torch.Tensor, alphas_cumprod: torch.Tensor, y: Optio
     if y is not None and label_dropout > 0:
         drop = torch.rand(B, device=x0.device, generator=generator) < label_dropout
         y = torch.where(drop, torch.full_like(y, null_label), y)
-    # gathered from float64 tables, then cast (as the official code); t.cpu() because MPS has no float64
-    abar = alphas_cumprod.cpu()[t.cpu()]
+    abar = alphas_cumprod[t.to(alphas_cumprod.device)]  # gathered in float64, then cast (as official)
     a, s = (append_dims(v.to(x0.device, x0.dtype), 4) for v in (abar.sqrt(), (1 - abar).sqrt()))
     x_t = a * x0 + s * eps
     out = net(x_t, t, y).float()
@@ -1904,6 +1980,8 @@ class Run:
             res = evaluate_model(model_view(), cfg.eval_n, cfg.seed, cfg.data_root)
             self.log.log(step=done, **{f"eval/{k}": v for k, v in res.items()})
             print(f"step {done} eval: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+        if done % cfg.log_every == 0 or last:
+            self.draw_curves()
         if (cfg.sample_every and done % cfg.sample_every == 0) or last:
             model = model_view()
             g = torch.Generator(device=model.device).manual_seed(cfg.seed)
@@ -1912,6 +1990,19 @@ class Run:
             save_checkpoint(self.dir / "ckpt.pt", save_state(done))
         if last:
             print(f"done: {self.dir}/ckpt.pt, {self.dir}/samples_{done:07d}.png")
+
+    def draw_curves(self) -> None:
+        """curves.png from metrics.jsonl (a resumed run draws its whole history): the loss, and the
+        sample-quality metrics of the evaluations, against training steps."""
+        rows = [json.loads(line) for line in self.log.path.read_text().splitlines()]
+        rows = [r for r in rows if "sampler" not in r]
+        panels = [("training loss", ["loss"]), ("shapes-FD (lower is better)", ["eval/shapes_fd"]),
+                  ("class accuracy, precision, recall", ["eval/class_acc", "eval/precision", "eval/recall"])]
+        panels = [{"title": title, "xlabel": "training step",
+                   "series": {k.split("/")[-1]: [(r["step"], r[k]) for r in rows if k in r] for k in keys}}
+                  for title, keys in panels[:3 if self.cfg.eval_every else 1]]
+        save_curves(self.dir / "curves.png", panels, columns=3)
+
 
 
 def sample_parser(prog: str, sources: dict) -> ArgumentParser:

@@ -371,14 +371,15 @@ def num_params(module: nn.Module) -> int:
 
 
 def train_step(net: UNet, opt: torch.optim.Optimizer, x: torch.Tensor, y, cfg: DDPMConfig, step: int,
-               generator: torch.Generator, ddp_net: Optional[nn.Module] = None) -> dict:
-    """One optimizer step: warm-up lr -> L_simple -> backward -> clip -> Adam. Returns metrics."""
+               generator: torch.Generator, table: torch.Tensor, ddp_net: Optional[nn.Module] = None) -> dict:
+    """One optimizer step: warm-up lr -> L_simple -> backward -> clip -> Adam. table: the alpha-bar table on the
+    device (common.device_table). Returns metrics."""
     # Official code: lr = 2e-4 * min(step / 5000, 1) with the step count *before* the update (first lr is 0).
     lr = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
     for g in opt.param_groups:
         g["lr"] = lr
     with common.autocast(x.device, cfg.bf16):
-        mse, _, _, _ = common.diffusion_loss(ddp_net or net, x, alphas_cumprod(cfg), y, null_label=net.num_classes,
+        mse, _, _, _ = common.diffusion_loss(ddp_net or net, x, table, y, null_label=net.num_classes,
                                              label_dropout=cfg.label_dropout, pred=cfg.pred, generator=generator)
     loss = mse.mean()
     opt.zero_grad(set_to_none=True)
@@ -503,14 +504,14 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
                 "class_names": data.class_names, "model": net.state_dict(), "ema": ema.state_dict(),
                 "opt": opt.state_dict(), "step": step}
 
-    per_rank = cfg.batch_size // dist.world_size
+    per_rank, table = cfg.batch_size // dist.world_size, common.device_table(alphas_cumprod(cfg), device)
     net.train()
     for step in range(run.start, cfg.steps):
         x, y = common.get_batch(data, step, per_rank, cfg.seed, flip=cfg.flip, rank=dist.rank,
                                 world_size=dist.world_size)
         x, y = x.to(device), (y.to(device) if net.num_classes else None)
         g = common.step_generator(cfg.seed, step, dist.rank, device)
-        metrics = train_step(net, opt, x, y, cfg, step, g, ddp_net)
+        metrics = train_step(net, opt, x, y, cfg, step, g, table, ddp_net)
         common.ema_update(ema, net, cfg.ema_decay)
         run.after_step(step + 1, metrics, state, lambda: diffusion_net(ema, cfg, data.class_names))
     common.cleanup_ddp()

@@ -5,17 +5,18 @@ model of the next frame given the last 4 frames and actions (plus a reward/end m
 is trained purely on imagined rollouts sampled from it. Networks carry the official eloialonso/diamond
 parameter names, so its published Atari agents load (`--from-official`).
 
-    python diamond.py --game Breakout-v5 --preset tiny           # the whole loop on 2 CPU cores, minutes
-    python diamond.py --preset tiny --num-epochs 1 --initial-collection-steps 300 --initial-collection-max 300 \
-        --denoiser-steps-first-epoch 10 --rew-end-steps-first-epoch 10 --actor-critic-steps-first-epoch 3 \
-        --final-eval-episodes 2 --eval-max-steps 200                # CPU smoke run of every stage: ~25 s
-    python diamond.py --game Breakout-v5 --preset large          # the paper's configuration (Atari 100k, GPU)
+    python diamond.py --preset smoke                        # CPU smoke run of every stage, under a minute
+    python diamond.py --game Breakout-v5 --preset tiny      # the whole loop on a few CPU cores
+    python diamond.py --game Breakout-v5 --preset large     # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
-    python diamond.py --resume runs/diamond-Breakout-...         # continue after a kill
+    python diamond.py --resume runs/diamond-Breakout-...    # continue after a kill
     python diamond.py --resume runs/diamond-Breakout-... --num-epochs 2000   # train longer
-    python diamond.py eval --ckpt RUN/ckpt.pt --episodes 10 --compare-random [--gif play.gif]
+    python diamond.py eval --ckpt RUN --episodes 10 --compare-random [--gif play.gif]
     python diamond.py eval --from-official Breakout.pt --game Breakout-v5
-    python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif
+    python diamond.py dream --ckpt RUN --steps 100          # RUN/dream.gif: the real game beside the dream
+
+A run folder holds ckpt.pt, dataset/ (every real step), metrics.jsonl and curves.png (evaluation return
+against real steps with the random policy's level, and the three losses), redrawn at each evaluation.
 """
 from __future__ import annotations
 
@@ -23,11 +24,9 @@ import argparse
 import difflib
 import json
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import common
 
@@ -43,151 +42,178 @@ import common
 # config
 # =====================================================================================================
 
-# Presets scale networks and step counts; each lists only what differs from `large`, the paper's
-# configuration (the dataclass defaults below = official config/{trainer,agent/default}.yaml).
+# Presets scale networks and schedules; each lists what differs from `large`, the paper's configuration
+# (official config/{trainer,agent/default}.yaml), whose values stand in the fields below. A field that presets
+# set is declared with _p: its default None means "the preset's value", so an explicit value always wins, also
+# one equal to large's (DiamondConfig(preset="tiny", obs_size=64)).
 PRESETS: dict[str, dict] = {
     "large": {},
-    # one consumer GPU (~8 GB), a few hours: half-width world model, fewer updates per epoch
+    # one consumer GPU (~8 GB): half-width world model, fewer updates per epoch
     "medium": dict(diffusion_channels=[48, 48, 48, 48], diffusion_cond_dim=192, rew_end_lstm_dim=256,
-                   actor_critic_lstm_dim=256, denoiser_steps_first_epoch=4000, rew_end_steps_first_epoch=4000,
-                   actor_critic_steps_first_epoch=2000, denoiser_steps_per_epoch=200, rew_end_steps_per_epoch=200,
+                   actor_critic_lstm_dim=256, denoiser_steps_first_epoch=4000,
+                   rew_end_steps_first_epoch=4000, actor_critic_steps_first_epoch=2000,
+                   denoiser_steps_per_epoch=200, rew_end_steps_per_epoch=200,
                    actor_critic_steps_per_epoch=200),
     # a small GPU or a long CPU run: 50k real steps, one res-block per level, 32 channels
     "small": dict(diffusion_channels=[32, 32, 32, 32], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=128,
                   rew_end_channels=[16, 16, 16, 16], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=64,
                   rew_end_lstm_dim=128, actor_critic_channels=[16, 16, 32, 32], actor_critic_lstm_dim=128,
-                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000, env_steps_per_epoch=200,
-                  num_epochs=300, denoiser_steps_first_epoch=1000, rew_end_steps_first_epoch=1000,
-                  actor_critic_steps_first_epoch=300, denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100,
-                  actor_critic_steps_per_epoch=50, imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
-    # the whole loop on 2 CPU cores in a few minutes (make demo): 32x32 frames, 8-channel nets
-    "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1], diffusion_cond_dim=16,
-                 rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1], rew_end_cond_dim=16, rew_end_lstm_dim=32,
-                 actor_critic_channels=[8, 8, 16, 16], actor_critic_lstm_dim=32, env_steps=3000,
-                 initial_collection_steps=1000, initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=3,
-                 denoiser_steps_first_epoch=120, rew_end_steps_first_epoch=80, actor_critic_steps_first_epoch=30,
-                 denoiser_steps_per_epoch=40, rew_end_steps_per_epoch=30, actor_critic_steps_per_epoch=15,
-                 batch_size=8, imagination_batch_size=8, learning_rate=5e-4, warmup_steps=20, eval_every=2,
-                 eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
+                  env_steps=50_000, initial_collection_steps=2000, initial_collection_max=4000,
+                  env_steps_per_epoch=200, num_epochs=300, denoiser_steps_first_epoch=1000,
+                  rew_end_steps_first_epoch=1000, actor_critic_steps_first_epoch=300,
+                  denoiser_steps_per_epoch=100, rew_end_steps_per_epoch=100, actor_critic_steps_per_epoch=50,
+                  imagination_batch_size=16, eval_every=5, eval_max_steps=5000),
+    # the whole loop on CPU cores (make demo): 32x32 frames, 8-channel nets
+    "tiny": dict(obs_size=32, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1],
+                 diffusion_cond_dim=16, rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1],
+                 rew_end_cond_dim=16, rew_end_lstm_dim=32, actor_critic_channels=[8, 8, 16, 16],
+                 actor_critic_lstm_dim=32, env_steps=3000, initial_collection_steps=1000,
+                 initial_collection_max=2000, env_steps_per_epoch=500, num_epochs=3,
+                 denoiser_steps_first_epoch=120, rew_end_steps_first_epoch=80,
+                 actor_critic_steps_first_epoch=30, denoiser_steps_per_epoch=40, rew_end_steps_per_epoch=30,
+                 actor_critic_steps_per_epoch=15, batch_size=8, imagination_batch_size=8, learning_rate=5e-4,
+                 warmup_steps=20, eval_every=2, eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
 }
+# every stage once, with the fewest steps: the header's CPU smoke run
+PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=300,
+                        initial_collection_max=300, denoiser_steps_first_epoch=10,
+                        rew_end_steps_first_epoch=10, actor_critic_steps_first_epoch=3, eval_episodes=2,
+                        final_eval_episodes=2, eval_max_steps=200)
 
 
 def _f(default, help: str):
-    """A dataclass field with a help text (used by common.add_config_args); lists are copied per instance."""
+    """A field with its --help text; a list default is copied per instance."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(init=False)
+def _p(large, help: str):
+    """A field that presets set: None until __post_init__ fills in the preset's value (large: the paper's)."""
+    return field(default=None, metadata={"help": help, "large": large})
+
+
+@dataclass
 class DiamondConfig:
-    """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset, keyword arguments
-    override it, attributes may be assigned afterwards; unknown presets and fields raise at once."""
-    preset: str = _f("large", "tiny | small | medium | large (the paper's configuration)")
+    """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset; keyword arguments
+    override it and attributes may be assigned afterwards (a misspelt name raises)."""
+    preset: str = _f("large", "tiny | small | medium | large (the paper's) | smoke (every stage, briefly)")
     # --- game and run ---
     game: str = _f("Breakout-v5", "Atari game, with or without the ALE/ prefix")
-    obs_size: int = _f(64, "frames are resized to obs_size x obs_size RGB")
-    seed: int = _f(0, "seed of torch/numpy/python RNGs and of the environments")
+    obs_size: Optional[int] = _p(64, "frames are resized to obs_size x obs_size RGB")
+    seed: int = _f(0, "seed of the networks' init and of every random stream of the run")
     device: str = _f("auto", "auto | cpu | cuda | mps")
     sticky_actions: float = _f(0.0, "repeat_action_probability: 0 = Atari 100k protocol, 0.25 = ALE v5")
     # --- denoiser (EDM U-Net) ---
     num_steps_conditioning: int = _f(4, "past frames and actions the denoiser conditions on")
-    diffusion_channels: list = _f([64, 64, 64, 64], "U-Net channels per level")
-    diffusion_depths: list = _f([2, 2, 2, 2], "U-Net res-blocks per level")
+    diffusion_channels: Optional[list] = _p([64, 64, 64, 64], "U-Net channels per level")
+    diffusion_depths: Optional[list] = _p([2, 2, 2, 2], "U-Net res-blocks per level")
     diffusion_attn_depths: list = _f([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
-    diffusion_cond_dim: int = _f(256, "width of the noise-level + action conditioning vector")
-    num_sampling_steps: int = _f(3, "Euler steps per imagined frame")
+    diffusion_cond_dim: Optional[int] = _p(256, "width of the noise-level + action conditioning vector")
+    num_sampling_steps: int = _f(3, "denoising steps per imagined frame")
     diffusion_sampler: str = _f("euler", "euler | heun (order 2: 2N-1 network calls per frame)")
     # --- reward / termination model ---
-    rew_end_channels: list = _f([32, 32, 32, 32], "encoder channels per level")
-    rew_end_depths: list = _f([2, 2, 2, 2], "encoder res-blocks per level")
-    rew_end_cond_dim: int = _f(128, "action embedding width (AdaGN conditioning)")
-    rew_end_lstm_dim: int = _f(512, "LSTM hidden size")
+    rew_end_channels: Optional[list] = _p([32, 32, 32, 32], "encoder channels per level")
+    rew_end_depths: Optional[list] = _p([2, 2, 2, 2], "encoder res-blocks per level")
+    rew_end_cond_dim: Optional[int] = _p(128, "action embedding width (AdaGN conditioning)")
+    rew_end_lstm_dim: Optional[int] = _p(512, "LSTM hidden size")
     # --- actor-critic ---
-    actor_critic_channels: list = _f([32, 32, 64, 64], "encoder channels per level (max-pool after each)")
-    actor_critic_lstm_dim: int = _f(512, "LSTM hidden size")
+    actor_critic_channels: Optional[list] = _p([32, 32, 64, 64], "encoder channels per level (max-pooled)")
+    actor_critic_lstm_dim: Optional[int] = _p(512, "LSTM hidden size")
     imagination_horizon: int = _f(15, "imagined steps per actor-critic update (official backup_every)")
-    imagination_batch_size: int = _f(32, "parallel imagined environments")
+    imagination_batch_size: Optional[int] = _p(32, "parallel imagined environments")
     discount_factor: float = _f(0.985, "gamma of the lambda-returns")
     lambda_returns: float = _f(0.95, "lambda of the lambda-returns")
     entropy_weight: float = _f(0.001, "weight of the entropy bonus")
     value_weight: float = _f(1.0, "weight of the value MSE")
     # --- optimisation (AdamW for each of the three models) ---
-    learning_rate: float = _f(1e-4, "AdamW learning rate of all three models")
+    learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of all three models")
     weight_decay: float = _f(1e-2, "AdamW weight decay of the denoiser and reward/end model")
     actor_critic_weight_decay: float = _f(0.0, "AdamW weight decay of the actor-critic")
-    warmup_steps: int = _f(100, "linear learning-rate warm-up from 0, per model")
+    warmup_steps: Optional[int] = _p(100, "linear learning-rate warm-up from 0, per model")
     max_grad_norm_denoiser: float = _f(1.0, "gradient-norm clip of the denoiser")
     max_grad_norm_rew_end: float = _f(100.0, "gradient-norm clip of the reward/end model")
     max_grad_norm_actor_critic: float = _f(100.0, "gradient-norm clip of the actor-critic")
-    batch_size: int = _f(32, "segments per denoiser and reward/end batch")
+    batch_size: Optional[int] = _p(32, "segments per denoiser and reward/end batch")
     sample_weights: list = _f([0.1, 0.1, 0.1, 0.7], "segment sampling weight of each chronological quarter")
     # --- schedule (per epoch: collect, train denoiser, reward/end model, actor-critic; evaluate) ---
-    num_epochs: int = _f(1000, "training epochs")
-    env_steps: int = _f(100_000, "budget of real environment steps (Atari 100k)")
-    initial_collection_steps: int = _f(5000, "random-policy steps before the first epoch's training")
-    initial_collection_max: int = _f(10000, "initial collection continues until both rare reward classes are seen")
-    env_steps_per_epoch: int = _f(100, "real steps collected per epoch after the first")
+    num_epochs: Optional[int] = _p(1000, "training epochs")
+    env_steps: Optional[int] = _p(100_000, "budget of real environment steps (Atari 100k)")
+    initial_collection_steps: Optional[int] = _p(5000, "random-policy steps before the first training")
+    initial_collection_max: Optional[int] = _p(10000, "the initial collection goes on until both rare reward "
+                                                      "signs are seen, up to this many steps")
+    env_steps_per_epoch: Optional[int] = _p(100, "real steps collected per epoch after the first")
     collect_epsilon: float = _f(0.01, "epsilon-greedy exploration while collecting")
-    denoiser_steps_first_epoch: int = _f(10000, "denoiser updates in epoch 1")
-    rew_end_steps_first_epoch: int = _f(10000, "reward/end updates in epoch 1")
-    actor_critic_steps_first_epoch: int = _f(5000, "actor-critic updates in epoch 1")
-    denoiser_steps_per_epoch: int = _f(400, "denoiser updates in later epochs")
-    rew_end_steps_per_epoch: int = _f(400, "reward/end updates in later epochs")
-    actor_critic_steps_per_epoch: int = _f(400, "actor-critic updates in later epochs")
-    eval_every: int = _f(10, "evaluate on the real game every N epochs (and after the last)")
-    eval_episodes: int = _f(4, "test episodes per evaluation")
-    final_eval_episodes: int = _f(100, "test episodes after the last epoch")
-    eval_max_steps: int = _f(27000, "cap on a test episode's steps (108k frames, the ALE default)")
+    denoiser_steps_first_epoch: Optional[int] = _p(10000, "denoiser updates in epoch 1")
+    rew_end_steps_first_epoch: Optional[int] = _p(10000, "reward/end updates in epoch 1")
+    actor_critic_steps_first_epoch: Optional[int] = _p(5000, "actor-critic updates in epoch 1")
+    denoiser_steps_per_epoch: Optional[int] = _p(400, "denoiser updates in later epochs")
+    rew_end_steps_per_epoch: Optional[int] = _p(400, "reward/end updates in later epochs")
+    actor_critic_steps_per_epoch: Optional[int] = _p(400, "actor-critic updates in later epochs")
+    eval_every: Optional[int] = _p(10, "evaluate on the real game every N epochs (and after the last one)")
+    eval_episodes: Optional[int] = _p(4, "test episodes per evaluation")
+    final_eval_episodes: Optional[int] = _p(100, "test episodes after the last epoch")
+    eval_max_steps: Optional[int] = _p(27000, "cap on a test episode's steps (108k frames: the ALE cap)")
 
-    def __init__(self, preset: str = "large", **overrides):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        for f in fields(self):  # dataclass defaults, then the preset, then the caller's values
-            value = f.default_factory() if f.default is MISSING else f.default
-            object.__setattr__(self, f.name, value)
-        object.__setattr__(self, "preset", preset)
-        for name, value in {**PRESETS[preset], **overrides}.items():
-            setattr(self, name, list(value) if isinstance(value, list) else value)  # never alias PRESETS' lists
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for f in fields(self):
+            if "large" in f.metadata and getattr(self, f.name) is None:
+                value = PRESETS[self.preset].get(f.name, f.metadata["large"])
+                setattr(self, f.name, list(value) if isinstance(value, list) else value)  # not an alias
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name, value):  # a plain dataclass would silently keep a misspelt attribute
         if name not in self.__dataclass_fields__:
             close = difflib.get_close_matches(name, list(self.__dataclass_fields__), n=3)
-            raise AttributeError(f"DiamondConfig has no field {name!r}" + (f"; did you mean {close}?" if close else
-                                 "; see `python diamond.py --help` for the list"))
-        if name == "preset" and value != getattr(self, "preset", value):
+            raise AttributeError(f"DiamondConfig has no field {name!r}" + (
+                f"; did you mean {close}?" if close else "; see `python diamond.py --help` for the list"))
+        if name == "preset" and "preset" in self.__dict__ and value != self.preset:
             raise AttributeError("set the preset at construction: DiamondConfig(preset=...)")
         object.__setattr__(self, name, value)
 
 
 def check_config(cfg: DiamondConfig) -> None:
-    """Raise a ValueError naming the flag for every invalid value, before any work (collection, run folder)."""
+    """A ValueError naming the flag of an invalid value, before any work (collection, run folder)."""
     common.check_ranges(
         cfg, positive=("obs_size", "num_steps_conditioning", "diffusion_cond_dim", "num_sampling_steps",
                        "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_lstm_dim", "imagination_horizon",
-                       "imagination_batch_size", "batch_size", "num_epochs", "env_steps", "env_steps_per_epoch",
-                       "eval_every", "eval_episodes", "final_eval_episodes", "eval_max_steps", "learning_rate",
-                       "max_grad_norm_denoiser", "max_grad_norm_rew_end", "max_grad_norm_actor_critic"),
-        non_negative=("warmup_steps", "initial_collection_steps", "initial_collection_max",
-                      "denoiser_steps_first_epoch", "rew_end_steps_first_epoch", "actor_critic_steps_first_epoch",
-                      "denoiser_steps_per_epoch", "rew_end_steps_per_epoch", "actor_critic_steps_per_epoch",
-                      "weight_decay", "actor_critic_weight_decay", "entropy_weight", "value_weight"),
+                       "imagination_batch_size", "batch_size", "num_epochs", "env_steps",
+                       "env_steps_per_epoch", "eval_every", "eval_episodes", "final_eval_episodes",
+                       "eval_max_steps", "learning_rate", "max_grad_norm_denoiser", "max_grad_norm_rew_end",
+                       "max_grad_norm_actor_critic"),
+        non_negative=("seed", "warmup_steps", "initial_collection_steps", "initial_collection_max",
+                      "denoiser_steps_first_epoch", "rew_end_steps_first_epoch",
+                      "actor_critic_steps_first_epoch", "denoiser_steps_per_epoch", "rew_end_steps_per_epoch",
+                      "actor_critic_steps_per_epoch", "weight_decay", "actor_critic_weight_decay",
+                      "entropy_weight", "value_weight"),
         unit=("sticky_actions", "collect_epsilon", "discount_factor", "lambda_returns"))
-    for net, levels in (("diffusion", ("channels", "depths", "attn_depths")), ("rew_end", ("channels", "depths"))):
-        lists = {common.flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in levels}
+    text = lambda values: " ".join(map(str, values))
+    levels = {"diffusion": ("channels", "depths", "attn_depths"), "rew_end": ("channels", "depths")}
+    for net, names in levels.items():
+        lists = {common.flag(f"{net}_{k}"): getattr(cfg, f"{net}_{k}") for k in names}
         if len({len(v) for v in lists.values()}) != 1:
-            raise ValueError(f"{', '.join(lists)} need one value per U-Net level each, got " +
-                             ", ".join(f"{k} {' '.join(map(str, v))}" for k, v in lists.items()))
+            raise ValueError(f"{', '.join(lists)} need one value per U-Net level each, got "
+                             + ", ".join(f"{k} {text(v)}" for k, v in lists.items()))
     for name in ("diffusion_channels", "rew_end_channels", "actor_critic_channels"):
         if not getattr(cfg, name) or min(getattr(cfg, name)) <= 0:
-            raise ValueError(f"{common.flag(name)} needs positive widths, got {' '.join(map(str, getattr(cfg, name)))}")
+            raise ValueError(f"{common.flag(name)} needs positive widths, got {text(getattr(cfg, name))}")
     if min(cfg.sample_weights, default=-1) < 0 or sum(cfg.sample_weights) <= 0:
-        raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got "
-                         f"{' '.join(map(str, cfg.sample_weights))}")
+        raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got {text(cfg.sample_weights)}")
+    if cfg.diffusion_sampler not in ("euler", "heun"):
+        raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
+    resolve_game(cfg.game)  # an unknown game names the closest ones
 
+
+def load_run(path) -> tuple[DiamondConfig, dict]:
+    """The one way from a checkpoint to its config: (DiamondConfig, checkpoint) of a run folder or its
+    ckpt.pt. Fields a newer diamond.py added take their defaults."""
+    state = common.load_checkpoint(common.checkpoint_file(path), "diamond")
+    known = DiamondConfig.__dataclass_fields__
+    return DiamondConfig(**{k: v for k, v in state["config"].items() if k in known}), state
 
 # =====================================================================================================
-# environment: Atari preprocessing and vectorised collection
+# environment: Atari preprocessing, vectorised envs, recording into the replay dataset
 # =====================================================================================================
 
 # Official DIAMOND Atari protocol (src/envs/atari_preprocessing.py, config/env/atari.yaml)
@@ -200,6 +226,7 @@ def _import_ale():
     import ale_py
     import gymnasium as gym
     gym.register_envs(ale_py)  # gymnasium >= 1.0 needs the ALE ids registered explicitly
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner before our one-line errors
     return gym
 
 
@@ -209,8 +236,8 @@ def ale_game_ids() -> list:
 
 
 def resolve_game(game: str) -> str:
-    """'Breakout-v5', 'Breakout', 'ALE/Breakout-v5' or 'BreakoutNoFrameskip-v4' -> 'ALE/Breakout-v5'.
-    An unknown game raises ValueError naming the closest ALE games."""
+    """'Breakout-v5', 'Breakout', 'ALE/Breakout-v5' or 'BreakoutNoFrameskip-v4' -> 'ALE/Breakout-v5';
+    an unknown game raises a ValueError naming the closest ones."""
     by_name = {i[4:-3].lower(): i for i in ale_game_ids()}  # 'breakout' -> 'ALE/Breakout-v5'
     name = game.split("/")[-1]
     for suffix in ("-v5", "-v4", "NoFrameskip", "Deterministic"):
@@ -219,22 +246,21 @@ def resolve_game(game: str) -> str:
         return by_name[name.lower()]
     close = difflib.get_close_matches(name.lower(), list(by_name), n=5, cutoff=0.5)
     raise ValueError(f"--game {game!r} is not an Atari game of ale-py; closest: "
-                     f"{', '.join(by_name[c][4:] for c in close) or 'none'} (all: python -c \"import diamond; "
-                     f"print(diamond.ale_game_ids())\")")
+                     f"{', '.join(by_name[c][4:] for c in close) or 'none'} "
+                     f"(all: python -c \"import diamond; print(diamond.ale_game_ids())\")")
 
 
 class AtariEnv:
-    """One Atari game with the official DIAMOND preprocessing: 1..30 no-op starts, frame skip 4 with the max
-    of the last two RGB screens (Atari sprites flicker), area-average resize to obs_size (pillow BOX = OpenCV
-    INTER_AREA), minimal action set, raw rewards summed over the skip, info["life_loss"]. Sticky actions
-    (repeat_action_probability) are off by default as in Atari 100k; 0.25 gives the ALE v5 protocol.
-    The gymnasium env runs at frameskip=1 and this class does the skip (official: NoFrameskip-v4 ids)."""
+    """One Atari game with the official preprocessing: 1..30 no-op starts, frame skip 4 with the max of the
+    last two RGB screens (sprites flicker), area-average resize to obs_size (pillow BOX = OpenCV INTER_AREA),
+    minimal action set, raw rewards summed over the skip, info["life_loss"]. Sticky actions are off as in
+    Atari 100k (0.25 = ALE v5). The gymnasium env runs at frameskip=1 (official: NoFrameskip-v4 ids)."""
 
     def __init__(self, game: str, obs_size: int = 64, sticky_actions: float = 0.0,
                  noop_max: int = ATARI_NOOP_MAX, frame_skip: int = ATARI_FRAME_SKIP):
-        self.env = _import_ale().make(resolve_game(game), frameskip=1, repeat_action_probability=sticky_actions,
-                                      full_action_space=False, max_num_frames_per_episode=ATARI_MAX_FRAMES,
-                                      obs_type="ram")
+        self.env = _import_ale().make(resolve_game(game), frameskip=1, full_action_space=False,
+                                      repeat_action_probability=sticky_actions, obs_type="ram",
+                                      max_num_frames_per_episode=ATARI_MAX_FRAMES)
         self.ale, self.num_actions = self.env.unwrapped.ale, int(self.env.action_space.n)
         self.action_names = self.env.unwrapped.get_action_meanings()  # minimal set, e.g. NOOP FIRE RIGHT LEFT
         assert self.action_names[0] == "NOOP"
@@ -254,7 +280,7 @@ class AtariEnv:
         return self._obs(), info
 
     def step(self, action: int):
-        """-> (obs uint8 (3, S, S), raw reward summed over the skipped frames, terminated, truncated, info)."""
+        """-> (obs uint8 (3, S, S), raw reward summed over the skip, terminated, truncated, info)."""
         reward, terminated, truncated, life_loss, info = 0.0, False, False, False, {}
         for t in range(self.frame_skip):
             _, r, terminated, truncated, info = self.env.step(action)
@@ -282,25 +308,24 @@ def frames_to_float(frames) -> torch.Tensor:
 
 
 class AtariVecEnv:
-    """num_envs AtariEnvs stepped in a loop with same-step auto-reset, behind the torch interface of
-    AgentEnvLoop and WorldModelEnv: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info); obs
-    float (B, 3, S, S) in [-1, 1], rew raw float32, end/trunc uint8. For envs that finished this step,
-    info["final_observation"] (n_dead, 3, S, S) is their last frame and obs is already the next episode's.
-    done_on_life_loss (training envs): a lost life is an end but the game goes on (the next obs is the final
-    observation too); at game over the final observation is the game's last frame (the official DoneOnLifeLoss
-    puts the new game's first frame there, which we do not copy). info also holds "frames" (B, 3, S, S) uint8
-    of obs, "dead" (B,) bool and "scores": raw returns of the games that ended this step (the reported score)."""
+    """num_envs AtariEnvs stepped in a loop with same-step auto-reset, with the torch interface of
+    AgentEnvLoop: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info); obs (B, 3, S, S) float in
+    [-1, 1], rew raw float32, end/trunc uint8. For the envs that finished, info["final_observation"]
+    (n_dead, 3, S, S) is their last frame and obs is already the next episode's. done_on_life_loss (training):
+    a lost life is an end but the game goes on; at game over the final observation is the game's last frame
+    (the official DoneOnLifeLoss puts the new game's first frame there). info also holds "frames" (B, 3, S, S)
+    uint8, "dead" (B,) bool and "scores", the raw returns of the games that ended (the reported score)."""
 
     def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
                  sticky_actions: float = 0.0, seed: int = 0, device="cpu"):
         self.envs = [AtariEnv(game, obs_size, sticky_actions) for _ in range(num_envs)]
         self.num_envs, self.num_actions = num_envs, self.envs[0].num_actions
         self.done_on_life_loss, self.device = done_on_life_loss, torch.device(device)
-        self.rng, self.frames = random.Random(seed), None
+        self.rng, self.frames = np.random.default_rng(seed), None  # rng: the seeds of new games
         self.scores = np.zeros(num_envs)  # raw return of each running game (over all its lives)
 
     def reset(self):
-        s = self.rng.randint(0, 2 ** 31 - 1)  # official: seeds s + i
+        s = int(self.rng.integers(2 ** 31 - 1))  # official: seeds s + i
         self.frames = np.stack([env.reset(seed=s + i)[0] for i, env in enumerate(self.envs)])
         self.scores[:] = 0
         return frames_to_float(self.frames).to(self.device), {"frames": self.frames.copy()}
@@ -334,46 +359,31 @@ class AtariVecEnv:
             env.close()
 
 
-class Collector:
-    """Steps an AtariVecEnv with a policy and appends every transition to a ReplayDataset; each env writes
-    into its own open episode, closed (with its final frame) at an end or truncation. The env's running
-    state is kept between calls, so collection resumes where it stopped.
-    policy(obs (B, 3, S, S) float in [-1, 1], first (B,) bool: the env's episode starts here, e.g. to
-    reset an LSTM) -> actions (B,) long; None = uniform random. With prob. epsilon (one draw per step,
-    for all envs, as officially) the step's actions are uniform random instead."""
+class Recorder:
+    """A real vector env (same interface) that appends every transition it steps to a ReplayDataset: each env
+    writes into its own open episode, closed with its final frame at an end or truncation. Collection is
+    AgentEnvLoop(Recorder(env, dataset), actor_critic, epsilon).rollout(n), so the env keeps running between
+    calls; `scores` lists the raw returns of the games that ended."""
 
-    def __init__(self, env: AtariVecEnv, dataset: "ReplayDataset", seed: int = 0):
-        self.env, self.dataset, self.rng = env, dataset, np.random.default_rng(seed)
-        self.obs = self.first = None
+    def __init__(self, env: AtariVecEnv, dataset: "ReplayDataset"):
+        self.env, self.dataset, self.scores = env, dataset, []
         self.episode_ids = [None] * env.num_envs
 
-    def collect(self, num_steps: int, policy=None, epsilon: float = 0.0) -> dict:
-        """Collect num_steps transitions (summed over envs; rounded up to whole vector steps). Returns
-        dict(steps, scores: raw returns of the games that ended, episodes: number of dataset episodes closed)."""
-        env, B, ds, ids = self.env, self.env.num_envs, self.dataset, self.episode_ids
-        if self.obs is None:
-            self.obs, _ = env.reset()
-            self.first = torch.ones(B, dtype=torch.bool)
-        steps, scores, closed = 0, [], 0
-        while steps < num_steps:
-            if policy is None or (epsilon > 0 and self.rng.random() < epsilon):
-                act = torch.from_numpy(self.rng.integers(env.num_actions, size=B))
-            else:
-                act = torch.as_tensor(policy(self.obs, self.first)).long().cpu()
-            frames = env.frames
-            self.obs, rew, end, trunc, info = env.step(act)
-            rew, end, trunc = rew.cpu().numpy(), end.cpu().numpy(), trunc.cpu().numpy()  # one copy, not B syncs
-            k = 0
-            for i in range(B):
-                ids[i] = ds.new_episode() if ids[i] is None else ids[i]
-                ds.append(ids[i], frames[i], int(act[i]), float(rew[i]), int(end[i]), int(trunc[i]))
-                if info["dead"][i]:
-                    ds.close_episode(ids[i], info["final_frames"][k])
-                    ids[i], k, closed = None, k + 1, closed + 1
-            self.first = torch.from_numpy(info["dead"].copy())
-            scores += info["scores"]
-            steps += B
-        return {"steps": steps, "scores": scores, "episodes": closed}
+    def reset(self):
+        return self.env.reset()
+
+    def step(self, act):
+        frames, act = self.env.frames, torch.as_tensor(act).cpu()  # the frames the actions were taken on
+        obs, rew, end, trunc, info = self.env.step(act)
+        ds, ids, k = self.dataset, self.episode_ids, 0
+        for i, (r, e, t) in enumerate(zip(rew.tolist(), end.tolist(), trunc.tolist())):
+            ids[i] = ds.new_episode() if ids[i] is None else ids[i]
+            ds.append(ids[i], frames[i], int(act[i]), r, e, t)
+            if info["dead"][i]:
+                ds.close_episode(ids[i], info["final_frames"][k])
+                ids[i], k = None, k + 1
+        self.scores += info["scores"]
+        return obs, rew, end, trunc, info
 
 # =====================================================================================================
 # replay dataset
@@ -381,8 +391,8 @@ class Collector:
 
 class Episode:
     """One episode in growable arrays: obs[t] is the frame seen BEFORE act[t]; rew[t], end[t], trunc[t]
-    belong to the transition (obs[t], act[t], obs[t+1]). final_obs is the frame after the last action (for
-    an episode that ended or was truncated), None while it is still being collected."""
+    belong to the transition (obs[t], act[t], obs[t+1]). final_obs is the frame after the last action (an
+    episode that ended or was truncated), None while it is collected."""
 
     ARRAYS = dict(obs=np.uint8, act=np.int64, rew=np.float32, end=np.uint8, trunc=np.uint8)  # name -> dtype
 
@@ -394,25 +404,21 @@ class Episode:
     def append(self, frame, act, rew, end, trunc):
         if self.len == len(self.act):  # double the capacity
             for k in self.ARRAYS:
-                a = getattr(self, k)
-                setattr(self, k, np.concatenate([a, np.zeros_like(a)]))
+                setattr(self, k, np.concatenate([getattr(self, k), np.zeros_like(getattr(self, k))]))
         t = self.len
         self.obs[t], self.act[t], self.rew[t], self.end[t], self.trunc[t] = frame, act, rew, end, trunc
         self.len, self.saved = t + 1, False
 
 
 class ReplayDataset:
-    """Every real transition collected, as uint8 frames (64x64x3 = 12 KB a frame; 100k frames ~ 1.2 GB),
-    sampled as fixed-length segments with padding masks like the official BatchSampler + Dataset.
-
-    Segment sampling (official): episode ~ P(ep) (sample_weights None or < 4 episodes: proportional to
-    length; else episodes are split chronologically into len(weights) chunks and chunk k gets weight w_k,
-    spread uniformly over its episodes, so [.1, .1, .1, .7] draws 70% from the newest quarter); t ~ U{0..len-1};
-    left padding only: stop = min(len, t + 1 + U{0..L-1}), start = stop - L; both sides:
-    start = t - U{0..L-1}, stop = start + L. Padding frames are 0 (mid-grey), actions 0, mask False.
-
-    save(dir)/load(dir): one .npz per episode (written atomically, finished ones once) plus an index
-    written last, so a kill at any moment leaves the previous complete dataset."""
+    """Every real transition collected, as uint8 frames (12 KB a 64x64 frame), sampled as fixed-length
+    segments with padding masks like the official BatchSampler + Dataset: episode ~ P(ep) (proportional to
+    length with sample_weights None or fewer episodes than weights; else the episodes are split
+    chronologically into len(weights) chunks and chunk k gets w_k, spread uniformly over its episodes, so
+    [.1, .1, .1, .7] draws 70% from the newest quarter); t ~ U{0..len-1}; left padding only:
+    stop = min(len, t + 1 + U{0..L-1}), start = stop - L; both sides: start = t - U{0..L-1}. Padding frames
+    are 0 (mid-grey), actions 0, mask False. save()/load(): one .npz per episode (finished ones written
+    once) and an index written last, each atomically, so a kill leaves the previous complete dataset."""
 
     def __init__(self, frame_shape=(3, 64, 64)):
         self.frame_shape, self.episodes = tuple(frame_shape), []
@@ -444,10 +450,9 @@ class ReplayDataset:
 
     def episode_probs(self, sample_weights=None) -> np.ndarray:
         lengths = np.array([ep.len for ep in self.episodes], np.float64)
-        n = len(lengths)
-        if sample_weights is None or n < len(sample_weights):
+        n, k = len(lengths), len(sample_weights or [])
+        if sample_weights is None or n < k:
             return lengths / lengths.sum()
-        k = len(sample_weights)
         chunk, p = n // k, np.zeros(n)  # the last chunk takes the remainder
         for j, w in enumerate(sample_weights):
             lo, hi = j * chunk, (n if j == k - 1 else (j + 1) * chunk)
@@ -456,15 +461,15 @@ class ReplayDataset:
 
     def sample_segments(self, batch_size: int, seq_len: int, pad_right: bool = False, sample_weights=None,
                         rng: Optional[np.random.Generator] = None) -> dict:
-        """batch_size random segments of seq_len steps: obs (B, L, C, H, W) float in [-1, 1], act (B, L) long,
-        rew (B, L) float, end, trunc (B, L) uint8, mask_padding (B, L) bool, final_obs (B, C, H, W) float
-        (the episode's final frame, zeros when it has none). Left padding only unless pad_right."""
+        """batch_size random segments of L = seq_len steps: obs (B, L, C, H, W) float in [-1, 1], act (B, L)
+        long, rew (B, L) float, end, trunc (B, L) uint8, mask_padding (B, L) bool, final_obs (B, C, H, W)
+        float (the episode's final frame, zeros when it has none). Left padding only unless pad_right."""
         rng = rng if rng is not None else np.random.default_rng()
         ep_ids = rng.choice(len(self.episodes), size=batch_size, p=self.episode_probs(sample_weights))
         L = seq_len
         out = {k: np.zeros((batch_size, L, *self.frame_shape) if k == "obs" else (batch_size, L), d)
                for k, d in Episode.ARRAYS.items()}
-        pad = np.ones((batch_size, L), bool)  # True = padding (frames filled with float 0 below)
+        pad = np.ones((batch_size, L), bool)
         final = np.zeros((batch_size, *self.frame_shape), np.uint8)
         has_final = np.zeros(batch_size, bool)
         for b, i in enumerate(ep_ids):
@@ -472,11 +477,9 @@ class ReplayDataset:
             t = rng.integers(ep.len)
             if pad_right:
                 start = t - rng.integers(L)
-                stop = start + L
             else:
-                stop = min(ep.len, t + 1 + rng.integers(L))
-                start = stop - L
-            lo, hi = max(start, 0), min(stop, ep.len)
+                start = min(ep.len, t + 1 + rng.integers(L)) - L
+            lo, hi = max(start, 0), min(start + L, ep.len)
             for k in out:
                 out[k][b, lo - start:hi - start] = getattr(ep, k)[lo:hi]
             pad[b, lo - start:hi - start] = False
@@ -485,21 +488,18 @@ class ReplayDataset:
         x = frames_to_float(out.pop("obs"))
         x[torch.from_numpy(pad)] = 0.0  # official padding: zeros in [-1, 1] space
         f = frames_to_float(final) * torch.from_numpy(has_final)[:, None, None, None]
-        return dict({k: torch.from_numpy(v) for k, v in out.items()}, obs=x, mask_padding=torch.from_numpy(~pad),
-                    final_obs=f)
+        return dict({k: torch.from_numpy(v) for k, v in out.items()}, obs=x, final_obs=f,
+                    mask_padding=torch.from_numpy(~pad))
 
     def save(self, folder) -> None:
         """Write new or changed episodes (each atomically), then the index (atomically, last)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         for i, ep in enumerate(self.episodes):
-            if ep.saved:
-                continue
-            arrays = {k: getattr(ep, k)[:ep.len] for k in Episode.ARRAYS}
-            if ep.final_obs is not None:
-                arrays["final_obs"] = ep.final_obs
-            common.atomic_write(folder / f"episode_{i:06d}.npz", lambda f: np.savez(f, **arrays))
-            ep.saved = True
+            if not ep.saved:
+                arrays = {k: getattr(ep, k)[:ep.len] for k in Episode.ARRAYS}
+                arrays.update({} if ep.final_obs is None else {"final_obs": ep.final_obs})
+                common.atomic_write(folder / f"episode_{i:06d}.npz", lambda f: np.savez(f, **arrays))
+                ep.saved = True
         index = {"frame_shape": list(self.frame_shape), "lengths": [ep.len for ep in self.episodes],
                  "finished": [ep.finished for ep in self.episodes]}
         common.atomic_write(folder / "index.json", lambda f: f.write(json.dumps(index).encode()))
@@ -515,22 +515,21 @@ class ReplayDataset:
             ep = Episode(ds.frame_shape, capacity=max(n, 1))
             with np.load(folder / f"episode_{i:06d}.npz") as z:
                 for k in Episode.ARRAYS:
-                    getattr(ep, k)[:n] = z[k][:n]  # an open episode may have grown after the index was written
+                    getattr(ep, k)[:n] = z[k][:n]  # an open episode may have grown after the index
                 ep.final_obs = z["final_obs"].copy() if "final_obs" in z.files and finished else None
             ep.len, ep.finished, ep.saved = n, True, finished
             ds.episodes.append(ep)
         return ds
 
-
 # =====================================================================================================
-# world model: denoiser U-Net, EDM denoiser, samplers, reward/end model
+# world model: denoiser U-Net, EDM denoiser, sampler, reward/end model
 # =====================================================================================================
 
 # Official eloialonso/diamond constants (config/agent/default.yaml, config/trainer.yaml, models/blocks.py).
 SIGMA_DATA = 0.5           # EDM sigma_data of frames in [-1, 1]
 SIGMA_OFFSET_NOISE = 0.3   # std of the per-channel offset noise; also enters every conditioner
 ATTN_HEAD_DIM = 8          # SelfAttention2d: heads = max(1, C // 8)
-GN_GROUP_SIZE = 32         # official blocks.py: GroupNorm with max(1, C // 32) groups, eps 1e-5
+GN_GROUP_SIZE = 32         # GroupNorm with max(1, C // 32) groups, eps 1e-5
 
 
 class _NormWrap(nn.Module):
@@ -545,8 +544,7 @@ class _NormWrap(nn.Module):
 
 
 class AdaGroupNorm(nn.Module):
-    """GroupNorm without affine, then a per-sample scale and shift from the conditioning vector:
-    GN(x) (1 + scale) + shift, [scale, shift] = linear(cond)."""
+    """GroupNorm without affine, then GN(x) (1 + scale) + shift with [scale, shift] = linear(cond)."""
 
     def __init__(self, channels: int, cond_channels: int):
         super().__init__()
@@ -554,9 +552,8 @@ class AdaGroupNorm(nn.Module):
         self.linear = nn.Linear(cond_channels, 2 * channels)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = F.group_norm(x, self.num_groups, eps=1e-5)
         scale, shift = self.linear(cond)[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + scale) + shift
+        return F.group_norm(x, self.num_groups, eps=1e-5) * (1 + scale) + shift
 
 
 class SelfAttention2d(nn.Module):
@@ -576,8 +573,8 @@ class SelfAttention2d(nn.Module):
         n, c, h, w = x.shape
         x = self.norm(x)
         qkv = self.qkv_proj(x).view(n, 3 * self.n_head, c // self.n_head, h * w).transpose(2, 3)
-        q, k, v = qkv.chunk(3, dim=1)  # each (N, heads, H*W, C/heads)
-        y = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1) @ v
+        q, k, v = qkv.chunk(3, dim=1)  # each (N, heads, H*W, C/heads): head i = channels [8i, 8i + 8)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/heads)) v over the H*W tokens
         return x + self.out_proj(y.transpose(2, 3).reshape(n, c, h, w))
 
 
@@ -606,7 +603,7 @@ class ResBlocks(nn.Module):
 
     def __init__(self, in_list: list, out_list: list, cond_channels: int, attn: bool):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResBlock(i, o, cond_channels, attn) for i, o in zip(in_list, out_list)])
+        self.resblocks = nn.ModuleList(ResBlock(i, o, cond_channels, attn) for i, o in zip(in_list, out_list))
 
     def forward(self, x, cond, skips=None):
         outputs = []
@@ -646,9 +643,9 @@ class UNet(nn.Module):
         self.num_down = len(channels) - 1
         d_blocks, u_blocks = [], []
         for i, n in enumerate(depths):
-            c1, c2 = channels[max(0, i - 1)], channels[i]
-            d_blocks.append(ResBlocks([c1] + [c2] * (n - 1), [c2] * n, cond_channels, bool(attn_depths[i])))
-            u_blocks.append(ResBlocks([2 * c2] * n + [c1 + c2], [c2] * n + [c1], cond_channels, bool(attn_depths[i])))
+            c1, c2, attn = channels[max(0, i - 1)], channels[i], bool(attn_depths[i])
+            d_blocks.append(ResBlocks([c1] + [c2] * (n - 1), [c2] * n, cond_channels, attn))
+            u_blocks.append(ResBlocks([2 * c2] * n + [c1 + c2], [c2] * n + [c1], cond_channels, attn))
         self.d_blocks = nn.ModuleList(d_blocks)
         self.u_blocks = nn.ModuleList(reversed(u_blocks))
         self.mid_blocks = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_channels, True)
@@ -693,7 +690,8 @@ class DiffusionUNet(nn.Module):
         super().__init__()
         assert cond_channels % num_steps_conditioning == 0
         self.noise_emb = FourierFeatures(cond_channels)
-        self.act_emb = nn.Sequential(nn.Embedding(num_actions, cond_channels // num_steps_conditioning), nn.Flatten())
+        self.act_emb = nn.Sequential(nn.Embedding(num_actions, cond_channels // num_steps_conditioning),
+                                     nn.Flatten())
         self.cond_proj = nn.Sequential(nn.Linear(cond_channels, cond_channels), nn.SiLU(),
                                        nn.Linear(cond_channels, cond_channels))
         self.conv_in = nn.Conv2d((num_steps_conditioning + 1) * img_channels, channels[0], 3, padding=1)
@@ -719,7 +717,8 @@ def quantize_frame(x: torch.Tensor) -> torch.Tensor:
 class EDMPreconditioner(nn.Module):
     """EDM preconditioning of the next-frame denoiser (official `Denoiser`; Karras et al. 2022, Table 1)
     with DIAMOND's offset noise: the conditioners use s = sqrt(sigma^2 + sigma_offset^2).
-    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, obs / sigma_data, act), quantised to uint8 levels."""
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, obs / sigma_data, act), quantised to uint8 levels.
+    Training noise levels: ln(sigma) ~ N(sigma_loc, sigma_scale^2), clipped to [sigma_min, sigma_max]."""
 
     def __init__(self, inner_model: DiffusionUNet, sigma_data: float = SIGMA_DATA,
                  sigma_offset_noise: float = SIGMA_OFFSET_NOISE, sigma_loc: float = -0.4,
@@ -727,13 +726,12 @@ class EDMPreconditioner(nn.Module):
         super().__init__()
         self.inner_model = inner_model
         self.sigma_data, self.sigma_offset_noise = sigma_data, sigma_offset_noise
-        # training noise levels: ln(sigma) ~ N(loc, scale^2), clipped to [sigma_min, sigma_max]
-        self.sigma_loc, self.sigma_scale, self.sigma_min, self.sigma_max = sigma_loc, sigma_scale, sigma_min, sigma_max
+        self.sigma_loc, self.sigma_scale = sigma_loc, sigma_scale
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def conditioners(self, sigma: torch.Tensor):
-        """sigma (B,) -> c_in, c_out, c_skip, c_noise, each (B,), with s = sqrt(sigma^2 + sigma_offset^2):
-        c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
-        c_noise = ln(s) / 4."""
+        """sigma (B,) -> c_in, c_out, c_skip, c_noise (B,): with s^2 = sigma^2 + sigma_offset^2,
+        c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / (s^2 + sd^2), c_out = s sd c_in, c_noise = ln(s) / 4."""
         return common.edm_precond(sigma, self.sigma_data, self.sigma_offset_noise)
 
     def forward(self, x_noisy, sigma, prev_obs, prev_act):
@@ -741,8 +739,8 @@ class EDMPreconditioner(nn.Module):
         prev_obs (B, K, C, H, W) or (B, K*C, H, W) in [-1, 1]; prev_act (B, K)."""
         c_in, c_out, c_skip, c_noise = cs = self.conditioners(sigma)
         prev_obs = prev_obs.flatten(1, 2) if prev_obs.ndim == 5 else prev_obs
-        out = self.inner_model(x_noisy * c_in[:, None, None, None], c_noise, prev_obs / self.sigma_data, prev_act)
-        return out, cs
+        x_in = x_noisy * c_in[:, None, None, None]
+        return self.inner_model(x_in, c_noise, prev_obs / self.sigma_data, prev_act), cs
 
     @torch.no_grad()
     def denoise(self, x_noisy, sigma, prev_obs, prev_act) -> torch.Tensor:
@@ -751,20 +749,19 @@ class EDMPreconditioner(nn.Module):
         return quantize_frame(c_skip[:, None, None, None] * x_noisy + c_out[:, None, None, None] * out)
 
     def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
-        return common.sample_lognormal_sigma(n, self.sigma_loc, self.sigma_scale, self.sigma_min, self.sigma_max,
-                                             generator=generator, device=device)
+        return common.sample_lognormal_sigma(n, self.sigma_loc, self.sigma_scale, self.sigma_min,
+                                             self.sigma_max, generator=generator, device=device)
 
     def loss(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, generator=None):
         """Official training loss on segments of K + n frames: for i < n, predict frame K+i from the K before
-        it (each prediction conditions on the model's own quantised previous prediction). The target of F
-        is (x0 - c_skip x_noisy) / c_out, a plain MSE over unpadded targets; the mean over the n steps.
+        it (conditioning on the model's own quantised previous prediction). The target of F is
+        (x0 - c_skip x_noisy) / c_out, a plain MSE over unpadded targets, averaged over the n steps.
         obs (B, T, C, H, W) in [-1, 1]; act (B, T) long; mask (B, T) bool (False = padding).
         Random draws per step, in order: sigma (B,), offset (B, C, 1, 1), noise (B, C, H, W)."""
         K = self.inner_model.conv_in.in_channels // obs.size(2) - 1
         n = obs.size(1) - K
         assert n >= 1, f"segments need more than {K} frames, got {obs.size(1)}"
-        all_obs = obs.clone()
-        loss = 0.0
+        all_obs, loss = obs.clone(), 0.0
         for i in range(n):
             x0, m = all_obs[:, K + i], mask[:, K + i]
             b, c = x0.shape[:2]
@@ -774,24 +771,20 @@ class EDMPreconditioner(nn.Module):
             x_noisy = x0 + offset + noise * sigma[:, None, None, None]
             out, (_, c_out, c_skip, _) = self(x_noisy, sigma, all_obs[:, i:K + i], act[:, i:K + i])
             c_out, c_skip = c_out[:, None, None, None], c_skip[:, None, None, None]
-            target = (x0 - c_skip * x_noisy) / c_out
-            loss = loss + F.mse_loss(out[m], target[m])
+            loss = loss + F.mse_loss(out[m], ((x0 - c_skip * x_noisy) / c_out)[m])
             with torch.no_grad():  # the next step conditions on this prediction (no gradient through it)
                 all_obs[:, K + i] = quantize_frame(c_skip * x_noisy + c_out * out)
         loss = loss / n
         return loss, {"loss_denoising": loss.item()}
 
 
-Denoiser = EDMPreconditioner  # the official class name
 
-
-class EulerSampler:
-    """Next-frame sampler of the official DiffusionSampler: Euler (order 1) or Heun (order 2) on the
-    Karras noise levels, from UNIT Gaussian noise (not scaled by sigma_max, as officially). Every
-    denoiser call quantises D; the final step to sigma = 0 is Euler, so NFE = N (Euler) or 2N - 1 (Heun).
-    The steps are common.sample_euler / sample_heun. s_churn > 0 adds the stochastic "churn" of Karras et al.
-    Algorithm 2 (official default 0); with churn, common's samplers give D the raised level sigma_hat as
-    Karras et al. do, where the official code passes sigma_i."""
+class DiffusionSampler:
+    """The official next-frame sampler: Euler (order 1) or Heun (order 2; common.sample_euler / sample_heun)
+    on the Karras noise levels, from UNIT Gaussian noise (not scaled by sigma_max, as officially). Every
+    denoiser call quantises D; the last step to sigma = 0 is Euler, so NFE = N (Euler) or 2N - 1 (Heun).
+    s_churn > 0 adds the "churn" of Karras et al. Algorithm 2 (official default 0), where common's samplers
+    give D the raised level sigma_hat as Karras et al. do (the official code passes sigma_i)."""
 
     def __init__(self, denoiser: EDMPreconditioner, num_steps_denoising: int = 3, sigma_min: float = 2e-3,
                  sigma_max: float = 5.0, rho: float = 7.0, order: int = 1, s_churn: float = 0.0,
@@ -801,7 +794,7 @@ class EulerSampler:
         self.denoiser, self.order = denoiser, order
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
         # float32, as the official build_sigmas: N=3 gives [4.9999986, 0.28308171, 0.0019999975, 0]
-        self.sigmas = common.karras_sigmas(num_steps_denoising, sigma_min, sigma_max, rho, dtype=torch.float32)
+        self.sigmas = common.karras_sigmas(num_steps_denoising, sigma_min, sigma_max, rho, torch.float32)
 
     @torch.no_grad()
     def sample(self, prev_obs: torch.Tensor, prev_act: torch.Tensor, generator=None):
@@ -819,7 +812,7 @@ class EulerSampler:
 
 class RewEndEncoder(nn.Module):
     """Conv encoder of (frame, next frame) with action-conditioned AdaGN: len(depths) levels (down-sampled
-    between levels) then two attention res-blocks at the lowest resolution."""
+    between levels), then two attention res-blocks at the lowest resolution."""
 
     def __init__(self, in_channels: int, cond_channels: int, depths, channels, attn_depths):
         super().__init__()
@@ -831,7 +824,8 @@ class RewEndEncoder(nn.Module):
             blocks.append(ResBlocks([c1] + [c2] * (n - 1), [c2] * n, cond_channels, bool(attn_depths[i])))
         blocks.append(ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_channels, True))
         self.blocks = nn.ModuleList(blocks)
-        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]] + [nn.Identity()])
+        # no down-sampling before the first level nor before the attention blocks
+        self.downsamples = nn.ModuleList([nn.Identity(), *map(Downsample, channels[:-1]), nn.Identity()])
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -849,12 +843,14 @@ class RewardTerminationModel(nn.Module):
                  attn_depths=(0, 0, 0, 0), cond_channels: int = 128, lstm_dim: int = 512, img_size: int = 64,
                  img_channels: int = 3):
         super().__init__()
-        self.encoder = RewEndEncoder(2 * img_channels, cond_channels, list(depths), list(channels), list(attn_depths))
+        self.encoder = RewEndEncoder(2 * img_channels, cond_channels, list(depths), list(channels),
+                                     list(attn_depths))
         self.act_emb = nn.Embedding(num_actions, cond_channels)
         feat_dim = channels[-1] * (img_size // 2 ** (len(depths) - 1)) ** 2  # (c, 8, 8) flattened at 64x64
         self.lstm_dim = lstm_dim
         self.lstm = nn.LSTM(feat_dim, lstm_dim, batch_first=True)
-        self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
+        self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(),
+                                  nn.Linear(lstm_dim, 3 + 2, bias=False))
         init_lstm_weights(self.lstm)
 
     def predict_rew_end(self, obs, act, next_obs, hx_cx=None):
@@ -867,10 +863,9 @@ class RewardTerminationModel(nn.Module):
         return logits[:, :, :-2], logits[:, :, -2:], hx_cx
 
     def loss(self, obs, act, rew, end, mask, final_obs=None):
-        """Official loss on segments (B, T+1): transitions t < T, cross-entropy of the reward sign and of
-        the end flag on unpadded steps. A segment with an end uses its episode's true final frame
-        (final_obs (B, C, H, W); only rows with an end are read) as the next frame of the end step
-        instead of the padding. Returns (loss, metrics)."""
+        """Official loss on segments (B, T+1): transitions t < T, cross-entropy of the reward sign and of the
+        end flag on unpadded steps. A segment with an end uses its episode's true final frame (final_obs
+        (B, C, H, W); only rows with an end are read) as the end step's next frame instead of the padding."""
         next_obs = obs[:, 1:].clone()
         obs, act, rew, end, mask = obs[:, :-1], act[:, :-1], rew[:, :-1], end[:, :-1], mask[:, :-1]
         dead = end.bool().any(dim=1)
@@ -887,7 +882,7 @@ class RewardTerminationModel(nn.Module):
 # =====================================================================================================
 
 class WorldModelEnv:
-    """A batch of imagined Atari games (official envs/world_model_env.py), with the real env's interface:
+    """A batch of imagined games (official envs/world_model_env.py) with the real env's interface:
     reset() -> (obs (B, C, H, W), info); step(act (B,)) -> (obs, rew (B,), end (B,), trunc (B,), info).
     Each env starts from a real K-frame context of the replay dataset (left padding only, the agent's
     sample_weights), with the reward/end LSTM burnt in on its K-1 real transitions. step samples the next
@@ -897,14 +892,14 @@ class WorldModelEnv:
     their last imagined frame, info["burnin_obs"] (n_dead, K-1, C, H, W) the new context's first frames (for
     the agent's LSTM), and the returned obs is the new context's last frame."""
 
-    def __init__(self, sampler: EulerSampler, rew_end_model: RewardTerminationModel, dataset: ReplayDataset,
-                 num_envs: int, horizon: int = 15, num_steps_conditioning: int = 4, sample_weights=None,
-                 seed: int = 0, device="cpu"):
+    def __init__(self, sampler: DiffusionSampler, rew_end_model: RewardTerminationModel,
+                 dataset: ReplayDataset, num_envs: int, horizon: int = 15, num_steps_conditioning: int = 4,
+                 sample_weights=None, seed: int = 0, device="cpu"):
         self.sampler, self.rew_end_model, self.dataset = sampler, rew_end_model, dataset
         self.num_envs, self.horizon, self.K = num_envs, horizon, num_steps_conditioning
         self.sample_weights, self.device = sample_weights, torch.device(device)
-        self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)  # contexts
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)  # frames, rewards, ends
         self.obs_buffer = self.act_buffer = self.ep_len = self.hx_cx = None
 
     @torch.no_grad()
@@ -912,8 +907,7 @@ class WorldModelEnv:
         """n K-frame contexts (obs, act), by default real ones from the dataset, and the reward/end LSTM state
         (h, c) after their K-1 transitions."""
         if contexts is None:
-            seg = self.dataset.sample_segments(n, self.K, pad_right=False, sample_weights=self.sample_weights,
-                                               rng=self.rng)
+            seg = self.dataset.sample_segments(n, self.K, sample_weights=self.sample_weights, rng=self.rng)
             contexts = seg["obs"], seg["act"]
         obs, act = contexts[0].to(self.device), contexts[1].to(self.device)
         _, _, hx_cx = self.rew_end_model.predict_rew_end(obs[:, :-1], act[:, :-1], obs[:, 1:])
@@ -921,14 +915,14 @@ class WorldModelEnv:
 
     @torch.no_grad()
     def reset(self, contexts=None):
-        """contexts: optional (obs (B, K, C, H, W) in [-1, 1], act (B, K)) to start from (e.g. a dream of a
-        given real game); by default random contexts from the dataset."""
+        """contexts: optional (obs (B, K, C, H, W) in [-1, 1], act (B, K)) to start from; by default random
+        contexts from the dataset."""
         obs, act, self.hx_cx = self._contexts(self.num_envs, contexts)
         self.obs_buffer, self.act_buffer = obs.clone(), act.clone()
         self.ep_len = torch.zeros(obs.size(0), dtype=torch.long, device=self.device)
         return self.obs_buffer[:, -1], {}
 
-    def _sample_categorical(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=self.generator).squeeze(1)
 
     @torch.no_grad()
@@ -937,8 +931,8 @@ class WorldModelEnv:
         next_obs, _ = self.sampler.sample(self.obs_buffer, self.act_buffer, generator=self.generator)
         logits_rew, logits_end, self.hx_cx = self.rew_end_model.predict_rew_end(
             self.obs_buffer[:, -1:], self.act_buffer[:, -1:], next_obs.unsqueeze(1), self.hx_cx)
-        rew = self._sample_categorical(logits_rew[:, 0]).float() - 1  # classes (-1, 0, +1)
-        end = self._sample_categorical(logits_end[:, 0])
+        rew = self._sample(logits_rew[:, 0]).float() - 1  # classes (-1, 0, +1)
+        end = self._sample(logits_end[:, 0])
         self.ep_len += 1
         trunc = (self.ep_len >= self.horizon).long()
         self.obs_buffer, self.act_buffer = self.obs_buffer.roll(-1, dims=1), self.act_buffer.roll(-1, dims=1)
@@ -952,30 +946,28 @@ class WorldModelEnv:
         return self.obs_buffer[:, -1], rew, end, trunc, info
 
 # =====================================================================================================
-# agent: actor-critic, lambda-returns, loss
+# agent: actor-critic, lambda-returns, loss, env loop
 # =====================================================================================================
 
 class SmallResBlock(nn.Module):
     """x + f(x) with f = GroupNorm -> SiLU -> Conv3x3 (official blocks.SmallResBlock; a 1x1 projection on
-    the skip path when the width changes). f.0 is a container whose `.norm` holds the GroupNorm, which
-    gives the official key `f.0.norm.weight`."""
+    the skip path when the width changes). f.0 holds the GroupNorm as `.norm`: the key f.0.norm.weight."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.f = nn.Sequential(_NormWrap(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.skip_projection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.f = nn.Sequential(_NormWrap(in_channels), nn.SiLU(), conv)
+        self.skip_projection = (nn.Identity() if in_channels == out_channels else
+                                nn.Conv2d(in_channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip_projection(x) + self.f(x)
 
 
 class ActorCriticNetwork(nn.Module):
-    """The DIAMOND policy and value: one frame -> conv encoder -> LSTMCell -> (action logits, value).
-    Memory lives only in the LSTM state. Parameter names = the official `actor_critic` module, so
-    `load_state_dict(official_sd, strict=True)` works on an official agent checkpoint's sub-dict.
-
-    Encoder (official ActorCriticEncoder): Conv3x3(3 -> c0), then per level a SmallResBlock and a
-    2x2 max-pool; with 4 levels a 64x64 frame becomes (c3, 4, 4), flattened channel-major."""
+    """The DIAMOND policy and value (official `ActorCritic`): one frame -> conv encoder (Conv3x3, then per
+    level a SmallResBlock and a 2x2 max-pool: 64x64 becomes (c3, 4, 4), flattened channel-major) -> LSTMCell
+    -> (action logits, value). Memory lives only in the LSTM state."""
 
     def __init__(self, num_actions: int, channels=(32, 32, 64, 64), lstm_dim: int = 512,
                  img_size: int = 64, img_channels: int = 3):
@@ -986,16 +978,14 @@ class ActorCriticNetwork(nn.Module):
             layers += [SmallResBlock(channels[max(0, i - 1)], c), nn.MaxPool2d(2)]
         self.encoder = nn.Module()
         self.encoder.encoder = nn.Sequential(*layers)
-        feat_dim = channels[-1] * (img_size // 2 ** len(channels)) ** 2
         self.lstm_dim = lstm_dim
-        self.lstm = nn.LSTMCell(feat_dim, lstm_dim)
+        self.lstm = nn.LSTMCell(channels[-1] * (img_size // 2 ** len(channels)) ** 2, lstm_dim)
         self.critic_linear = nn.Linear(lstm_dim, 1)
         self.actor_linear = nn.Linear(lstm_dim, num_actions)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # heads at zero: uniform initial policy and zero value (official)
-        for head in (self.actor_linear, self.critic_linear):
+        for head in (self.actor_linear, self.critic_linear):  # official: a uniform policy and zero value
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         init_lstm_weights(self.lstm)
@@ -1004,8 +994,7 @@ class ActorCriticNetwork(nn.Module):
         """obs (B, 3, H, W) in [-1, 1]; hx_cx None (zero state) or (hx, cx), each (B, lstm_dim).
         Returns logits (B, A), value (B,), (hx, cx): official `predict_act_value`."""
         assert obs.ndim == 4, f"expected one frame per env (B, C, H, W), got {tuple(obs.shape)}"
-        x = self.encoder.encoder(obs).flatten(start_dim=1)  # (B, feat_dim)
-        hx, cx = self.lstm(x, hx_cx)
+        hx, cx = self.lstm(self.encoder.encoder(obs).flatten(start_dim=1), hx_cx)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(1), (hx, cx)
 
 
@@ -1013,7 +1002,8 @@ def init_lstm_weights(lstm: nn.Module):
     """Official init_lstm: W_ih xavier-uniform, W_hh orthogonal, biases 0 but the forget-gate part of
     b_ih (rows [H, 2H)) at 1 so the cell remembers at the start of training."""
     sfx = "_l0" if isinstance(lstm, nn.LSTM) else ""  # nn.LSTM keys end in _l0, nn.LSTMCell keys do not
-    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                                  "bias_hh"))
     nn.init.xavier_uniform_(w_ih)
     nn.init.orthogonal_(w_hh)
     nn.init.zeros_(b_ih)
@@ -1024,8 +1014,8 @@ def init_lstm_weights(lstm: nn.Module):
 
 def compute_lambda_returns(rew, end, trunc, val_bootstrap, gamma: float, lambda_: float) -> torch.Tensor:
     """TD(lambda) returns of an imagined rollout, all (B, T); rew is sign-clipped here.
-    G_t = r_t + gamma (1-d_t) [(1-tau_t)(1-lambda) + tau_t] vb_t + (1-e_t) gamma lambda G_{t+1}, with e = d or tau
-    and vb_t = V(o_{t+1}) (for a finished env, the value of its final frame). An end (d) cuts the value; a
+    G_t = r_t + gamma (1-d_t) [(1-tau_t)(1-lambda) + tau_t] vb_t + (1-e_t) gamma lambda G_{t+1}, e = d or tau,
+    vb_t = V(o_{t+1}) (for a finished env the value of its final frame): an end (d) cuts the value, a
     truncation (tau) bootstraps fully on vb_t. The sum starts from G_T := vb_{T-1}."""
     rew, end, trunc = rew.sign(), end.float(), trunc.float()
     not_end_or_trunc = 1 - (end + trunc).clamp(max=1)
@@ -1053,14 +1043,14 @@ def actor_critic_loss(logits, values, act, rew, end, trunc, val_bootstrap, gamma
 
 
 class AgentEnvLoop:
-    """The actor-critic acting in a batched environment (official coroutines/env_loop.py), for imagined
-    training and real evaluation. The LSTM state persists between `rollout` calls and is detached at the
-    start of each, so gradients flow back through one rollout (truncated BPTT).
-
-    env API (WorldModelEnv and AtariVecEnv alike): reset() -> (obs (B, 3, H, W) float in [-1, 1], info);
-    step(act (B,)) -> (next_obs, rew (B,), end (B,), trunc (B,), info); for finished envs info has
-    "final_observation" (n_dead, 3, H, W) and the returned obs is already the next episode's first frame;
-    an imagined env also gives "burnin_obs" (n_dead, K-1, 3, H, W): the new real context, fed to the LSTM."""
+    """The actor-critic acting in a batched env (official coroutines/env_loop.py): imagined training, real
+    collection (through a Recorder) and evaluation. The LSTM state persists between `rollout` calls and is
+    detached at the start of each, so gradients flow back through one rollout (truncated BPTT). Actions are
+    sampled from the logits; with prob. epsilon (one draw per step for all envs, as officially) they are
+    uniform instead. The env (WorldModelEnv, AtariVecEnv) gives reset() -> (obs (B, 3, H, W), info) and
+    step(act (B,)) -> (next_obs, rew, end, trunc, info) (B,); for finished envs info has "final_observation"
+    (n_dead, 3, H, W) and next_obs is already the next episode's first frame; an imagined env also gives
+    "burnin_obs" (n_dead, K-1, 3, H, W), the new real context, read into the LSTM."""
 
     def __init__(self, env, actor_critic: ActorCriticNetwork, epsilon: float = 0.0, generator=None):
         self.env, self.ac, self.epsilon = env, actor_critic, epsilon
@@ -1118,18 +1108,21 @@ class AgentEnvLoop:
         return act.to(logits.device)
 
 # =====================================================================================================
-# training loop, evaluation, dreams
+# training loop
 # =====================================================================================================
 
 MODEL_NAMES = ("denoiser", "rew_end_model", "actor_critic")
 DENOISER_SEGMENT_EXTRA = 2  # official: num_autoregressive_steps 1 -> segments of K + 2 frames, 2 predictions
+PROGRESS_SECONDS = 30.0  # at most one progress line per phase this often: long phases are never silent
+STREAMS = ("collect", *MODEL_NAMES, "eval")  # the run's random streams, one per phase
 
 # (random, human) scores of the 26 Atari-100k games: the standard table (DQN / Atari-100k papers), with
 # which the paper's mean HNS 1.46 is reproduced. HNS = (score - random) / (human - random).
 ATARI_100K_SCORES = {
     "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
-    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
-    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1),
+    "Breakout": (1.7, 30.5), "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4),
+    "DemonAttack": (152.1, 1971.0),
     "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
     "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
     "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
@@ -1163,7 +1156,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 def make_warmup(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 (official: the factor is step / warmup, so the first update uses lr 0)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup_steps) if warmup_steps > 0 else 1.0)
+    factor = lambda s: min(1.0, s / warmup_steps) if warmup_steps > 0 else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -1189,10 +1183,10 @@ def optimizer_step(name: str, loss: torch.Tensor, model: nn.Module, opt, sched, 
 
 @torch.no_grad()
 def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsilon: float = 0.0,
-                    generator=None, frames: Optional[list] = None) -> dict:
-    """Play one episode in each of env's B parallel envs (a test env: no life-loss ends) with actions
-    sampled from the policy (epsilon = 1: the uniform random policy). An episode still running after
-    max_steps counts with its score so far. Returns raw scores; `frames` collects env 0's frames."""
+                    generator=None, frames: Optional[list] = None, progress=None) -> dict:
+    """Play one episode in each of env's B envs (a test env: no life-loss ends) with actions sampled from the
+    policy (epsilon 1 = the uniform random policy); an episode still running after max_steps counts with its
+    score so far. Returns raw scores; `frames` collects env 0's frames; progress(steps) after every step."""
     loop = AgentEnvLoop(env, actor_critic, epsilon=epsilon, generator=generator)
     returns, done, steps = torch.zeros(env.num_envs), torch.zeros(env.num_envs, dtype=torch.bool), 0
     action_counts = torch.zeros(env.num_actions, dtype=torch.long)
@@ -1204,8 +1198,11 @@ def evaluate_policy(actor_critic: ActorCriticNetwork, env, max_steps: int, epsil
         action_counts += torch.bincount(r["act"][:, 0].cpu()[~done], minlength=env.num_actions)
         done |= (r["end"][:, 0] + r["trunc"][:, 0]).bool().cpu()
         steps += 1
+        if progress:
+            progress(steps)
     return dict(returns=returns.tolist(), return_mean=returns.mean().item(), return_max=returns.max().item(),
-                finished=int(done.sum()), steps=steps, action_freq=(action_counts / action_counts.sum()).tolist())
+                finished=int(done.sum()), steps=steps,
+                action_freq=(action_counts / action_counts.sum()).tolist())
 
 
 class Agent(nn.Module):
@@ -1215,361 +1212,410 @@ class Agent(nn.Module):
     def __init__(self, cfg: DiamondConfig, num_actions: int):
         super().__init__()
         self.denoiser, self.rew_end_model = build_world_model(cfg, num_actions)
-        self.actor_critic = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim,
-                                               cfg.obs_size)
+        self.actor_critic = ActorCriticNetwork(num_actions, cfg.actor_critic_channels,
+                                               cfg.actor_critic_lstm_dim, cfg.obs_size)
 
 
-def load_official_agent(agent: Agent, path) -> None:
-    """Load an official DIAMOND agent checkpoint (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt)
-    or one of ours: each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
-    sd = common.torch_load(path, want="an official agent (eloialonso/diamond atari_100k/models/<Game>.pt) or a "
-                                      "diamond.py ckpt.pt")
-    if isinstance(sd, dict) and sd.get("kind") == "diamond":  # one of our checkpoints
-        sd = sd["model"]
-    parts = split_agent_state_dict(sd)
-    for name in MODEL_NAMES:
-        if name not in parts:
-            raise ValueError(f"{path}: no '{name}.' keys; an official agent checkpoint has denoiser., "
+def build_world_model(cfg: DiamondConfig, num_actions: int) -> tuple:
+    """(EDMPreconditioner, RewardTerminationModel) at cfg's sizes (the official ones at preset `large`)."""
+    levels = max(len(cfg.diffusion_channels), len(cfg.rew_end_channels))
+    if cfg.obs_size % 2 ** (levels - 1):
+        raise ValueError(f"--obs-size {cfg.obs_size} must be divisible by 2^(levels-1) = {2 ** (levels - 1)} "
+                         f"(levels of the U-Net and of the reward/end encoder)")
+    inner = DiffusionUNet(num_actions, cfg.diffusion_channels, cfg.diffusion_depths,
+                          cfg.diffusion_attn_depths, cfg.diffusion_cond_dim, cfg.num_steps_conditioning)
+    rew_end = RewardTerminationModel(num_actions, cfg.rew_end_channels, cfg.rew_end_depths,
+                                     [0] * len(cfg.rew_end_depths), cfg.rew_end_cond_dim,
+                                     cfg.rew_end_lstm_dim, cfg.obs_size)
+    return EDMPreconditioner(inner), rew_end
+
+
+def make_sampler(denoiser: EDMPreconditioner, cfg: DiamondConfig) -> DiffusionSampler:
+    order = {"euler": 1, "heun": 2}[cfg.diffusion_sampler]
+    return DiffusionSampler(denoiser, cfg.num_sampling_steps, order=order)
+
+
+def read_agent(path) -> dict:
+    """The flat agent state dict (denoiser.*, rew_end_model.*, actor_critic.*) of an official agent checkpoint
+    (Hugging Face eloialonso/diamond, atari_100k/models/<Game>.pt) or of a run of ours (folder or ckpt.pt)."""
+    sd = common.torch_load(common.checkpoint_file(path), want="an official agent (eloialonso/diamond "
+                           "atari_100k/models/<Game>.pt) or a diamond.py run")
+    return sd["model"] if isinstance(sd, dict) and sd.get("kind") == "diamond" else sd
+
+
+def check_actions(sd: dict, game: str, num_actions: int, trained_on: str = "") -> None:
+    """A checkpoint of a game with another action set ends as one line, before loading."""
+    n = sd.get("denoiser.inner_model.act_emb.0.weight", torch.zeros(num_actions)).shape[0]
+    if n != num_actions and trained_on:
+        raise ValueError(f"this run was trained on {trained_on} ({n} actions) and {game} has {num_actions}: "
+                         f"drop --game, or use a checkpoint trained on {game}")
+    if n != num_actions:
+        raise ValueError(f"this agent has {n} actions and {game} has {num_actions}: use a checkpoint of "
+                         f"{game}")
+
+
+def split_agent_state_dict(sd: dict) -> dict:
+    """{'denoiser': ..., 'rew_end_model': ..., 'actor_critic': ...} from a flat agent state dict (official
+    Agent.load: keys are grouped by their first name, which is stripped)."""
+    return {n: {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(n + ".")} for n in MODEL_NAMES}
+
+
+def load_agent(agent: Agent, sd: dict, where) -> None:
+    """Each of denoiser. / rew_end_model. / actor_critic. strictly, as the official Agent.load."""
+    for name, part in split_agent_state_dict(sd).items():
+        if not part:
+            raise ValueError(f"{where}: no '{name}.' keys; an official agent checkpoint has denoiser., "
                              "rew_end_model. and actor_critic. entries")
         try:
-            getattr(agent, name).load_state_dict(parts[name], strict=True)
+            getattr(agent, name).load_state_dict(part, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{path}: the {name} weights do not fit this configuration (official agents need "
-                             f"--preset large and the game they were trained on): {common.one_line(e)}") from None
-
-
-class LSTMPolicy:
-    """The actor-critic as a Collector policy: keeps the LSTM state of each env, zeroes it where an
-    episode starts (first), samples actions from the logits."""
-
-    def __init__(self, actor_critic: ActorCriticNetwork, generator=None):
-        self.ac, self.generator, self.hx_cx = actor_critic, generator, None
-
-    @torch.no_grad()
-    def __call__(self, obs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        if self.hx_cx is not None:
-            keep = (~first).float().unsqueeze(1).to(obs.device)
-            self.hx_cx = (self.hx_cx[0] * keep, self.hx_cx[1] * keep)
-        logits, _, self.hx_cx = self.ac(obs, self.hx_cx)
-        return torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(1)
+            raise ValueError(f"{where}: the {name} weights do not fit this configuration (official agents "
+                             f"need --preset large and the game they were trained on): {common.one_line(e)}"
+                             ) from None
 
 
 class Trainer:
-    """The DIAMOND loop (official trainer.py), one epoch at a time: collect real steps with the current policy ->
-    train the denoiser -> train the reward/end model -> train the actor-critic in imagination -> evaluate on the
-    real game (every eval_every) -> checkpoint. run_dir holds what is needed to continue: ckpt.pt (networks,
-    optimisers, warm-up schedulers, epoch and update counters, RNG states) and dataset/ (every real step).
-    `Trainer(cfg, run_dir, resume=True)` continues after the last finished epoch with all data saved so far (the
-    running Atari games are not restored, as officially: collection starts new episodes)."""
+    """The DIAMOND loop (official trainer.py): an initial collection with the untrained (uniform) policy, then
+    per epoch: collect real steps with the current policy -> train the denoiser -> the reward/end model -> the
+    actor-critic in imagination -> evaluate on the real game (every eval_every) -> checkpoint. run_dir holds
+    ckpt.pt (networks, optimisers, warm-up schedulers, epoch and update counters), dataset/ (every real step),
+    metrics.jsonl and curves.png. Every random draw comes from a stream seeded by (seed, phase, epoch, update)
+    (`streams`), so the checkpoint keeps counters, not generator states. resume=True continues after the last
+    checkpoint with every step collected so far (the running Atari game is not restored, as officially)."""
 
     def __init__(self, cfg: DiamondConfig, run_dir, resume: bool = False, world_model_only: bool = False,
-                 log=print):
+                 log=print, progress_every: float = PROGRESS_SECONDS):
         check_config(cfg)
         self.cfg, self.run_dir, self.log, self.world_model_only = cfg, Path(run_dir), log, world_model_only
-        self.device = common.pick_device(cfg.device)
-        common.seed_everything(cfg.seed)
+        self.progress_every, self.device = progress_every, common.pick_device(cfg.device)
+        common.seed_everything(cfg.seed)  # the networks' initialisation
         self.train_env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
-                                     sticky_actions=cfg.sticky_actions, seed=cfg.seed, device=self.device)
+                                     sticky_actions=cfg.sticky_actions, device=self.device)
         self.num_actions = self.train_env.num_actions
         self.agent = Agent(cfg, self.num_actions).to(self.device)
-        wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay, actor_critic=cfg.actor_critic_weight_decay)
+        wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay,
+                  actor_critic=cfg.actor_critic_weight_decay)
         self.opt = {n: make_optimizer(getattr(self.agent, n), cfg.learning_rate, wd[n]) for n in MODEL_NAMES}
         self.sched = {n: make_warmup(self.opt[n], cfg.warmup_steps) for n in MODEL_NAMES}
-        self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser, rew_end_model=cfg.max_grad_norm_rew_end,
+        self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser,
+                                  rew_end_model=cfg.max_grad_norm_rew_end,
                                   actor_critic=cfg.max_grad_norm_actor_critic)
         self.steps = {n: 0 for n in MODEL_NAMES}  # optimiser updates of each model
-        self.epoch, self.reward_counts = 0, [0, 0, 0]  # collected transitions with reward sign -1, 0, +1
-        self.gen = {k: torch.Generator().manual_seed(cfg.seed * 7919 + i)  # action sampling, per use
-                    for i, k in enumerate(("collect", "imagine", "eval"))}
-        self.data_rng = np.random.default_rng(cfg.seed)  # segment sampling
-        self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
+        self.epoch, self.random_return = 0, None  # the random policy's mean return on the evaluation episodes
         self.ckpt_path, self.dataset_dir = self.run_dir / "ckpt.pt", self.run_dir / "dataset"
-        self.metrics = common.MetricsLog(self.run_dir)
-        self.wm_env = WorldModelEnv(make_sampler(self.agent.denoiser, cfg), self.agent.rew_end_model, self.dataset,
-                                    cfg.imagination_batch_size, cfg.imagination_horizon,
-                                    cfg.num_steps_conditioning, cfg.sample_weights, cfg.seed, self.device)
+        self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
         if resume:
             self.load()
-            self.train_env.rng.seed(cfg.seed + 7919 * self.epoch)  # new games, not a replay of the first ones
-        self.collector = Collector(self.train_env, self.dataset, seed=cfg.seed + self.epoch)
-        self.policy = LSTMPolicy(self.agent.actor_critic, self.gen["collect"])
-        self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic, 0.0, self.gen["imagine"])
+        self.metrics = common.MetricsLog(self.run_dir)
+        self.recorder = Recorder(self.train_env, self.dataset)
+        self.collection = AgentEnvLoop(self.recorder, self.agent.actor_critic, cfg.collect_epsilon)
+        self.wm_env = WorldModelEnv(make_sampler(self.agent.denoiser, cfg), self.agent.rew_end_model,
+                                    self.dataset, cfg.imagination_batch_size, cfg.imagination_horizon,
+                                    cfg.num_steps_conditioning, cfg.sample_weights, device=self.device)
+        self.imagination = AgentEnvLoop(self.wm_env, self.agent.actor_critic)
 
-    # ---- checkpoint: the data first (new episodes, then its index), then ckpt.pt, so that after a kill at any
-    # point the checkpoint never refers to data that is not on disk. numpy RNG states hold 128-bit ints: JSON text.
+    def streams(self, phase: str, update: int = 0) -> tuple:
+        """(numpy, torch on the device, torch on the CPU) generators of one phase of one epoch or update."""
+        seq = np.random.SeedSequence([self.cfg.seed, STREAMS.index(phase), self.epoch, update])
+        a, b, c = (int(s.generate_state(1, np.uint64)[0] >> np.uint64(1)) for s in seq.spawn(3))
+        return (np.random.default_rng(a), torch.Generator(self.device).manual_seed(b),
+                torch.Generator().manual_seed(c))
+
+    def progress(self, phase: str, total: int, unit: str):
+        """A callback done -> None that logs "epoch e/n | phase done/total unit | rate | ETA" at most every
+        progress_every seconds, so a short phase prints nothing."""
+        t0 = last = time.time()
+
+        def tick(done: int):
+            nonlocal last
+            now = time.time()
+            if now - last >= self.progress_every and done > 0:
+                last, rate = now, done / max(now - t0, 1e-9)
+                eta = time.strftime("%H:%M:%S", time.gmtime((total - done) / rate))
+                self.log(f"epoch {self.epoch}/{self.cfg.num_epochs} | {phase} {done}/{total} {unit} | "
+                         f"{rate:.1f} {unit}/s | ETA {eta}")
+        return tick
+
+    # ---- checkpoint: the data first (new episodes, then its index), then ckpt.pt, so that after a kill at
+    # any point the checkpoint never refers to data that is not on disk
     def save(self) -> None:
         self.dataset.save(self.dataset_dir)
         common.save_checkpoint(self.ckpt_path, dict(
-            kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions, model=self.agent.state_dict(),
-            ema=None, opt={n: o.state_dict() for n, o in self.opt.items()},
+            kind="diamond", config=asdict(self.cfg), num_actions=self.num_actions,
+            model=self.agent.state_dict(), ema=None, opt={n: o.state_dict() for n, o in self.opt.items()},
             sched={n: s.state_dict() for n, s in self.sched.items()}, step=sum(self.steps.values()),
             steps=dict(self.steps), epoch=self.epoch, env_steps=len(self.dataset),
-            reward_counts=list(self.reward_counts), rng=common.rng_state(),
-            generators={k: g.get_state() for k, g in self.gen.items()},
-            data_rng=json.dumps(self.data_rng.bit_generator.state),
-            wm_rng=json.dumps(self.wm_env.rng.bit_generator.state), wm_generator=self.wm_env.generator.get_state()))
+            random_return=self.random_return))
 
     def load(self) -> None:
         s = common.load_checkpoint(self.ckpt_path, "diamond")
-        if s["num_actions"] != self.num_actions:
-            raise ValueError(f"{self.ckpt_path} was trained with {s['num_actions']} actions; "
-                             f"{self.cfg.game} has {self.num_actions}: a checkpoint of another game?")
+        check_actions(s["model"], self.cfg.game, self.num_actions, s["config"]["game"])
         self.agent.load_state_dict(s["model"])
         for n in MODEL_NAMES:
             self.opt[n].load_state_dict(s["opt"][n])
             self.sched[n].load_state_dict(s["sched"][n])
-        self.steps, self.epoch, self.reward_counts = dict(s["steps"]), s["epoch"], list(s["reward_counts"])
-        for k, g in self.gen.items():
-            g.set_state(s["generators"][k])
-        self.data_rng.bit_generator.state = json.loads(s["data_rng"])
-        self.wm_env.rng.bit_generator.state = json.loads(s["wm_rng"])
-        self.wm_env.generator.set_state(s["wm_generator"])
+        self.steps, self.epoch, self.random_return = dict(s["steps"]), s["epoch"], s.get("random_return")
         # every step saved so far, also those collected after the checkpoint (a kill mid-epoch)
-        self.dataset = self.wm_env.dataset = ReplayDataset.load(self.dataset_dir)
-        common.set_rng_state(s["rng"])
+        self.dataset = ReplayDataset.load(self.dataset_dir)
 
     # ---- the three kinds of updates ---------------------------------------------------------------------
     def world_model_loss(self, name: str):
         """Denoiser: segments of K + 2 frames, left padding; reward/end: horizon + K, padded on both sides
         (official)."""
         cfg, K = self.cfg, self.cfg.num_steps_conditioning
+        rng, generator, _ = self.streams(name, self.steps[name])
         seq_len = K + DENOISER_SEGMENT_EXTRA if name == "denoiser" else cfg.imagination_horizon + K
         b = self.dataset.sample_segments(cfg.batch_size, seq_len, pad_right=name != "denoiser",
-                                         sample_weights=cfg.sample_weights, rng=self.data_rng)
+                                         sample_weights=cfg.sample_weights, rng=rng)
         b = {k: v.to(self.device) for k, v in b.items()}
         if name == "denoiser":
-            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"])
+            return self.agent.denoiser.loss(b["obs"], b["act"], b["mask_padding"], generator)
         return self.agent.rew_end_model.loss(b["obs"], b["act"], b["rew"], b["end"], b["mask_padding"],
                                              b["final_obs"])
 
+    def actor_critic_loss(self):
+        """imagination_horizon imagined steps in every env (they go on from the previous update), then the
+        loss on them."""
+        cfg = self.cfg
+        self.wm_env.rng, self.wm_env.generator, self.imagination.generator = self.streams(
+            "actor_critic", self.steps["actor_critic"])
+        r = self.imagination.rollout(cfg.imagination_horizon)
+        return actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"],
+                                 r["val_bootstrap"], cfg.discount_factor, cfg.lambda_returns,
+                                 cfg.value_weight, cfg.entropy_weight)
+
     def train_model(self, name: str, num_steps: int) -> dict:
         """num_steps updates of one of the three models -> its mean metrics."""
-        cfg, model = self.cfg, getattr(self.agent, name)
+        model, tick, sums = getattr(self.agent, name), self.progress(name, num_steps, "updates"), {}
         self.agent.eval()
         model.train()
-        sums: dict = {}
-        for _ in range(num_steps):
-            if name == "actor_critic":  # imagine imagination_horizon steps in every env, then the loss on them
-                r = self.imagination.rollout(cfg.imagination_horizon)
-                loss, m = actor_critic_loss(r["logits"], r["val"], r["act"], r["rew"], r["end"], r["trunc"],
-                                            r["val_bootstrap"], cfg.discount_factor, cfg.lambda_returns,
-                                            cfg.value_weight, cfg.entropy_weight)
-            else:
-                loss, m = self.world_model_loss(name)
+        for i in range(num_steps):
+            loss, m = self.actor_critic_loss() if name == "actor_critic" else self.world_model_loss(name)
             self.steps[name] += 1
-            grad_norm = optimizer_step(name, loss, model, self.opt[name], self.sched[name], self.max_grad_norm[name],
-                                       self.steps[name])
-            m = dict(m, loss=loss.item(), grad_norm=grad_norm)
-            for k, v in m.items():
+            grad_norm = optimizer_step(name, loss, model, self.opt[name], self.sched[name],
+                                       self.max_grad_norm[name], self.steps[name])
+            for k, v in dict(m, loss=loss.item(), grad_norm=grad_norm).items():
                 sums[k] = sums.get(k, 0.0) + v
+            tick(i + 1)
         return {k: v / max(num_steps, 1) for k, v in sums.items()}
 
     # ---- real environment -------------------------------------------------------------------------------
     def collect(self, num_steps: int) -> list:
-        """Real steps with the current policy (epsilon-greedy), appended to the dataset (saved at once).
+        """Real steps with the current policy (epsilon-greedy), recorded into the dataset (saved at once).
         Returns the scores of the games that ended."""
         self.agent.actor_critic.eval()
-        n0 = len(self.dataset)
-        scores = self.collector.collect(num_steps, self.policy, self.cfg.collect_epsilon)["scores"]
-        # reward signs of the new steps (the open episode grows at the end, later episodes are new)
-        new_rew = np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes])[n0:]
-        for s in np.sign(new_rew).astype(int):
-            self.reward_counts[s + 1] += 1
+        self.train_env.rng, _, self.collection.generator = self.streams("collect")  # rng: seeds of new games
+        tick, n0 = self.progress("collect", num_steps, "steps"), len(self.recorder.scores)
+        for i in range(num_steps):
+            self.collection.rollout(1, grad=False)
+            tick(i + 1)
         self.dataset.save(self.dataset_dir)
-        return scores
+        return self.recorder.scores[n0:]
 
     def collect_initial(self) -> list:
         """Official: initial_collection_steps with the untrained agent (uniform policy: zero actor head), then
-        100 more at a time until the two rarer reward signs total >= 10, up to initial_collection_max."""
-        cfg = self.cfg
-        scores = self.collect(cfg.initial_collection_steps)
-        while len(self.dataset) < cfg.initial_collection_max and sum(sorted(self.reward_counts)[:2]) < 10:
+        100 more at a time until the two rarer reward signs total >= 10, up to initial_collection_max. Goes on
+        from what the dataset holds (a run killed during it)."""
+        cfg, scores = self.cfg, []
+        if len(self.dataset) < cfg.initial_collection_steps:
+            scores = self.collect(cfg.initial_collection_steps - len(self.dataset))
+        rew = lambda: np.concatenate([ep.rew[:ep.len] for ep in self.dataset.episodes] + [np.zeros(0)])
+        rare = lambda: np.sort(np.bincount(np.sign(rew()).astype(int) + 1, minlength=3))[:2].sum()
+        while len(self.dataset) < cfg.initial_collection_max and rare() < 10:
             scores += self.collect(min(100, cfg.initial_collection_max - len(self.dataset)))
         return scores
 
-    def evaluate(self, episodes: int, epsilon: float = 0.0, seed: Optional[int] = None, gif=None) -> dict:
-        """Test episodes on the real game (no life-loss ends, epsilon 0, actions sampled): raw scores, HNS."""
-        cfg, frames = self.cfg, [] if gif else None
-        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, device=self.device,
-                          seed=cfg.seed + 1_000_003 * (1 + self.epoch) if seed is None else seed)
+    def evaluate(self, episodes: int, epsilon: float = 0.0) -> dict:
+        """Test episodes on the real game (no life-loss ends, actions sampled): raw scores, HNS. The episodes'
+        starts are the same at every evaluation (and for the random policy's level)."""
+        cfg = self.cfg
+        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=cfg.seed,
+                          device=self.device)
         self.agent.actor_critic.eval()
-        r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon, self.gen["eval"], frames)
+        tick = self.progress("eval" if epsilon == 0 else "random policy", cfg.eval_max_steps, "steps")
+        r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon,
+                            self.streams("eval")[2], progress=tick)
         env.close()
-        r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
-        if gif:
-            common.save_gif(frames, gif, fps=15)
-        return r
+        return dict(r, hns=human_normalized_score(cfg.game, r["return_mean"]))
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, result = self.cfg, {}
+        cfg, result, scores = self.cfg, {}, []
+        if self.epoch == 0:
+            self.save()  # the config first: a run killed in the initial collection resumes from its data
+            scores = self.collect_initial()
         while self.epoch < cfg.num_epochs:
             self.epoch += 1
             t0 = time.time()
-            first = self.steps["denoiser"] == 0  # the long first round of training (also after a resume in it)
-            if len(self.dataset) == 0:
-                scores = self.collect_initial()
-            elif len(self.dataset) < cfg.env_steps:
+            first = self.steps["denoiser"] == 0  # the long first round of training (also resumed)
+            if self.epoch > 1 and len(self.dataset) < cfg.env_steps:
                 scores = self.collect(min(cfg.env_steps_per_epoch, cfg.env_steps - len(self.dataset)))
-            else:
-                scores = []
             logs = dict(epoch=self.epoch, env_steps=len(self.dataset), collect_seconds=time.time() - t0)
-            if scores:
-                logs["collect/return_mean"] = float(np.mean(scores))
-            n = dict(denoiser=cfg.denoiser_steps_first_epoch if first else cfg.denoiser_steps_per_epoch,
-                     rew_end_model=cfg.rew_end_steps_first_epoch if first else cfg.rew_end_steps_per_epoch,
-                     actor_critic=cfg.actor_critic_steps_first_epoch if first else cfg.actor_critic_steps_per_epoch)
+            logs.update({"collect/return_mean": float(np.mean(scores))} if scores else {})
+            scores = []
+            n = dict(denoiser=(cfg.denoiser_steps_first_epoch, cfg.denoiser_steps_per_epoch),
+                     rew_end_model=(cfg.rew_end_steps_first_epoch, cfg.rew_end_steps_per_epoch),
+                     actor_critic=(cfg.actor_critic_steps_first_epoch, cfg.actor_critic_steps_per_epoch))
             for name in MODEL_NAMES[:2] if self.world_model_only else MODEL_NAMES:
                 t = time.time()
-                logs.update({f"{name}/{k}": v for k, v in self.train_model(name, n[name]).items()})
-                logs[f"{name}/seconds"] = time.time() - t
+                logs.update({f"{name}/{k}": v for k, v in self.train_model(name, n[name][not first]).items()})
+                logs[f"{name}/seconds"], logs[f"{name}/updates"] = time.time() - t, self.steps[name]
             last = self.epoch == cfg.num_epochs
-            if not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last):
+            evaluate = not self.world_model_only and (self.epoch % cfg.eval_every == 0 or last)
+            if evaluate:
                 t = time.time()
+                if self.random_return is None:  # the level to beat, on the same episodes
+                    self.random_return = self.evaluate(cfg.eval_episodes, epsilon=1.0)["return_mean"]
+                    logs["eval/random_return_mean"] = self.random_return
                 result = self.evaluate(cfg.final_eval_episodes if last else cfg.eval_episodes)
                 logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"})
                 logs["eval/seconds"] = time.time() - t
             logs["epoch_seconds"] = time.time() - t0
             self.save()  # after a non-finite loss we never get here: the last good checkpoint stays
             self.metrics.log(step=self.epoch, **logs)
+            if evaluate:
+                self.save_curves()
             self.log(self.summary(logs))
         return result
 
+    def save_curves(self) -> None:
+        """curves.png from metrics.jsonl (so a resumed run draws its whole history): the evaluation return
+        against real steps with the random policy's level, and each model's loss against its updates."""
+        rows = [json.loads(line) for line in open(self.metrics.path)]
+        ev = [(r["env_steps"], r["eval/return_mean"]) for r in rows if "eval/return_mean" in r]
+        level = {} if self.random_return is None else {"random policy": self.random_return}
+        panels = [dict(title=f"evaluation return ({self.cfg.game})", xlabel="real environment steps",
+                       series={"agent": ev}, hlines=level)]
+        for name, title in zip(MODEL_NAMES, ("denoiser loss", "reward/end loss", "actor-critic loss")):
+            points = [(r[f"{name}/updates"], r[f"{name}/loss"]) for r in rows if f"{name}/updates" in r]
+            panels.append(dict(title=title, xlabel="updates", series={"mean loss per epoch": points}))
+        common.save_curves(self.run_dir / "curves.png", panels)
+
     def summary(self, logs: dict) -> str:
         s = f"epoch {logs['epoch']}/{self.cfg.num_epochs} | env steps {logs['env_steps']}"
-        for name, short in (("denoiser", "denoiser"), ("rew_end_model", "rew/end"), ("actor_critic", "actor-critic")):
-            if f"{name}/loss" in logs:
-                s += f" | {short} loss {logs[f'{name}/loss']:.4f}"
+        for name, short in zip(MODEL_NAMES, ("denoiser", "rew/end", "actor-critic")):
+            s += f" | {short} loss {logs[f'{name}/loss']:.4f}" if f"{name}/loss" in logs else ""
         if "eval/return_mean" in logs:
             hns = logs.get("eval/hns")
-            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}"
-                  + (f", HNS {hns:.3f})" if hns is not None else ")"))
+            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}, random "
+                  f"policy {self.random_return:.1f}" + (f", HNS {hns:.3f})" if hns is not None else ")"))
         return s + f" | {logs['epoch_seconds']:.0f} s"
 
-# --- dreams (world-model half) ---------------------------------------------------------------------
+# =====================================================================================================
+# dreams, GIFs
+# =====================================================================================================
 
-def build_world_model(cfg: DiamondConfig, num_actions: int) -> tuple:
-    """(EDMPreconditioner, RewardTerminationModel) at cfg's sizes (official defaults at the `large` preset)."""
-    if cfg.obs_size % 2 ** (len(cfg.diffusion_channels) - 1) or cfg.obs_size % 2 ** (len(cfg.rew_end_channels) - 1):
-        raise ValueError(f"--obs-size {cfg.obs_size} must be divisible by 2^(levels-1) of the U-Net "
-                         f"({len(cfg.diffusion_channels)} levels) and of the reward/end encoder")
-    inner = DiffusionUNet(num_actions, cfg.diffusion_channels, cfg.diffusion_depths, cfg.diffusion_attn_depths,
-                          cfg.diffusion_cond_dim, cfg.num_steps_conditioning)
-    rew_end = RewardTerminationModel(num_actions, cfg.rew_end_channels, cfg.rew_end_depths,
-                                     [0] * len(cfg.rew_end_depths), cfg.rew_end_cond_dim, cfg.rew_end_lstm_dim,
-                                     cfg.obs_size)
-    return EDMPreconditioner(inner), rew_end
-
-
-def make_sampler(denoiser: EDMPreconditioner, cfg: DiamondConfig) -> EulerSampler:
-    if cfg.diffusion_sampler not in ("euler", "heun"):
-        raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
-    return EulerSampler(denoiser, cfg.num_sampling_steps, order=1 if cfg.diffusion_sampler == "euler" else 2)
-
-
-def split_agent_state_dict(sd: dict) -> dict:
-    """{'denoiser': ..., 'rew_end_model': ..., 'actor_critic': ...} from a flat agent state dict (official
-    Agent.load: keys are grouped by their first name, which is stripped)."""
-    out = {}
-    for k, v in sd.items():
-        head, _, rest = k.partition(".")
-        out.setdefault(head, {})[rest] = v
-    return out
+GIF_PIXELS = 256   # GIF frames are upscaled (nearest neighbour) to about this size: 32 px is unreadable
+LABEL_HEIGHT = 14  # a white strip above the frames for PIL's default font
 
 
 @torch.no_grad()
-def dream_rollout(sampler: EulerSampler, env: AtariVecEnv, steps: int, num_steps_conditioning: int = 4,
-                  policy=None, seed: int = 0) -> dict:
-    """Play the real game (env with one env) for K + steps steps with `policy` (obs (1, C, H, W) -> act (1,);
-    None = uniform random from `seed`), and let the world model imagine the last `steps` frames from the
-    first K real frames with the same actions (open loop: it only ever sees its own frames after the start).
-    Returns real, dream: uint8 (K + steps, C, H, W) (the K context frames are shared) and the per-frame mean
-    absolute error in pixel levels (0..255) of the imagined frames. Stops early if the real game ends."""
-    K, rng = num_steps_conditioning, np.random.default_rng(seed)
-    obs, info = env.reset()
-    frames, acts = [info["frames"][0]], []
-    for _ in range(K + steps - 1):
-        a = torch.as_tensor(rng.integers(env.num_actions, size=1)) if policy is None else policy(obs)
-        obs, _, _, _, info = env.step(a)
-        acts.append(int(a[0]))
-        if info["dead"][0]:
-            break
-        frames.append(info["frames"][0])
-    acts.append(int(rng.integers(env.num_actions)))  # unused: the action after the last frame
-    real = np.stack(frames)
-    device = next(sampler.denoiser.parameters()).device
+def dream_rollout(sampler: DiffusionSampler, env: AtariVecEnv, actor_critic: ActorCriticNetwork, steps: int,
+                  num_steps_conditioning: int = 4, seed: int = 0) -> dict:
+    """Play the real game (an env with one game) for K + steps steps with actor_critic (a fresh one plays
+    uniformly at random), and let the world model imagine the last `steps` frames from the first K real frames
+    with the same actions (open loop: after the start it only sees its own frames). Returns real, dream: uint8
+    (K + steps, C, H, W) (the K context frames are shared) and the per-frame mean absolute error of the
+    imagined frames in pixel levels (0..255). Stops early if the real game ends."""
+    K, device = num_steps_conditioning, next(sampler.denoiser.parameters()).device
+    loop = AgentEnvLoop(env, actor_critic, generator=torch.Generator().manual_seed(seed))
+    r = loop.rollout(K + steps, grad=False)
+    dead = (r["end"][0] + r["trunc"][0]).nonzero()
+    n = K + steps if len(dead) == 0 else int(dead[0]) + 1  # frames after an end belong to another game
+    real, acts = common.to_uint8(r["obs"][0, :n]), r["act"][0, :n].to(device)  # real (n, C, H, W)
     obs_buf = frames_to_float(real[:K]).unsqueeze(0).to(device)  # (1, K, C, H, W)
-    act_buf = torch.tensor(acts[:K], device=device).unsqueeze(0)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dream = list(real[:K])
-    for t in range(K, len(real)):
-        act_buf[0, -1] = acts[t - 1]  # the action taken after frame t-1
-        nxt, _ = sampler.sample(obs_buf, act_buf, generator=gen)
+    gen, dream = torch.Generator(device=device).manual_seed(seed), list(real[:K])
+    for t in range(K, n):
+        nxt, _ = sampler.sample(obs_buf, acts[t - K:t].unsqueeze(0), generator=gen)  # a_{t-K} .. a_{t-1}
         obs_buf = torch.cat([obs_buf[:, 1:], nxt.unsqueeze(1)], dim=1)
-        act_buf = torch.cat([act_buf[:, 1:], act_buf[:, -1:]], dim=1)
-        dream.append(common.to_uint8(nxt)[0].cpu().numpy())
-    dream = np.stack(dream)
+        dream.append(common.to_uint8(nxt)[0].cpu())
+    real, dream = real.cpu().numpy(), torch.stack(dream).numpy()
     err = np.abs(real[K:].astype(np.float32) - dream[K:].astype(np.float32)).mean(axis=(1, 2, 3))
     return {"real": real, "dream": dream, "frame_mae": err.tolist()}
 
 
-def dream(ckpt: str, steps: int = 100, out: str = "dream.gif", seed: int = 0, device: str = "cpu") -> dict:
-    """`python diamond.py dream --ckpt RUN/ckpt.pt --steps 100 --out dream.gif`: the real game (left) and the
-    world model's open-loop continuation (right) in one GIF, with the policy of the checkpoint if it has one
-    (else random actions), and the per-frame error printed."""
-    state = common.load_checkpoint(ckpt, "diamond")
-    conf = dict(state["config"])
-    cfg = DiamondConfig(preset=conf.pop("preset", "large"),
-                        **{k: v for k, v in conf.items() if k in DiamondConfig.__dataclass_fields__})
+def gif_path(path, flag_name: str) -> Path:
+    """Before any work: an output path ending in .gif, ~ expanded."""
+    path = common.expand_path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"{flag_name} {path}: give a file name ending in .gif")
+    return path
+
+
+def write_gif(frames: np.ndarray, path: Path, fps: float, what: str) -> None:
+    """Save uint8 frames (T, H, W, 3), upscaled to about GIF_PIXELS, and say what the file holds: pillow
+    stores identical consecutive frames as one longer frame, so the frame count is read back."""
+    existed = path.exists()
+    common.save_gif(frames, path, fps=fps, scale=max(1, GIF_PIXELS // max(frames.shape[1:3])))
+    with Image.open(path) as gif:
+        n = gif.n_frames
+    print(f"wrote {path}{' (replaced the existing file)' if existed else ''}: {what}, {len(frames)} steps in "
+          f"{n} GIF frames" + (" (repeated frames merged)" if n < len(frames) else ""))
+
+
+def side_by_side(panels: dict, scale: int) -> np.ndarray:
+    """{label: uint8 frames (T, C, H, W)} -> uint8 (T, LABEL_HEIGHT + scale H, W', 3): the panels upscaled by
+    pixel repetition, left to right with a white bar between them, each label written above its panel."""
+    ups = [np.asarray(v).transpose(0, 2, 3, 1).repeat(scale, 1).repeat(scale, 2) for v in panels.values()]
+    t, h, w, _ = ups[0].shape
+    bar = np.full((t, h, 2 * scale, 3), 255, np.uint8)
+    body = np.concatenate([x for u in ups for x in (bar, u)][1:], axis=2)
+    head = Image.new("RGB", (body.shape[2], LABEL_HEIGHT), "white")
+    for i, label in enumerate(panels):
+        ImageDraw.Draw(head).text((i * (w + 2 * scale) + 2, 1), label, fill="black")
+    head = np.broadcast_to(np.asarray(head), (t, LABEL_HEIGHT, *body.shape[2:]))
+    return np.concatenate([head, body], axis=1)
+
+
+def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") -> dict:
+    """The real game ("real") and the world model's open-loop continuation of it ("dream") side by side in one
+    GIF (default RUN/dream.gif), with the run's policy (uniform random actions if it has none); prints the
+    per-frame error."""
+    out = common.run_folder(ckpt) / "dream.gif" if out is None else gif_path(out, "--out")
+    cfg, state = load_run(ckpt)
     parts = split_agent_state_dict(state["model"])
-    num_actions = parts["denoiser"]["inner_model.act_emb.0.weight"].shape[0]
     env = AtariVecEnv(cfg.game, 1, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=seed)
-    if env.num_actions != num_actions:
-        raise ValueError(f"{ckpt} was trained with {num_actions} actions, but {cfg.game} has {env.num_actions}: "
-                         "a checkpoint of another game?")
-    denoiser, _ = build_world_model(cfg, num_actions)
+    check_actions(state["model"], cfg.game, env.num_actions)
+    denoiser, _ = build_world_model(cfg, env.num_actions)
     denoiser.load_state_dict(parts["denoiser"], strict=True)
-    denoiser.to(device).eval()
-    policy = None
-    if "actor_critic" in parts:
-        ac = ActorCriticNetwork(num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim, cfg.obs_size)
+    ac = ActorCriticNetwork(env.num_actions, cfg.actor_critic_channels, cfg.actor_critic_lstm_dim,
+                            cfg.obs_size)  # plays the real game on the CPU, beside env
+    if parts["actor_critic"]:
         ac.load_state_dict(parts["actor_critic"], strict=True)
-        lstm_policy = LSTMPolicy(ac, torch.Generator().manual_seed(seed))
-        policy = lambda obs: lstm_policy(obs, torch.zeros(1, dtype=torch.bool))  # one game: never a reset
-    r = dream_rollout(make_sampler(denoiser, cfg), env, steps, cfg.num_steps_conditioning, policy, seed)
+    r = dream_rollout(make_sampler(denoiser.to(device).eval(), cfg), env, ac.eval(), steps,
+                      cfg.num_steps_conditioning, seed)
     env.close()
-    bar = np.full((*r["real"].shape[:3], 2), 255, np.uint8)  # a white bar between the two
-    common.save_gif(np.concatenate([r["real"], bar, r["dream"]], axis=3).transpose(0, 2, 3, 1), out, fps=10, scale=4)
-    mae = r["frame_mae"]
-    print(f"dream: {len(mae)} imagined frames after {cfg.num_steps_conditioning} real ones -> {out}")
+    mae, K = r["frame_mae"], cfg.num_steps_conditioning
+    frames = side_by_side({"real": r["real"], "dream": r["dream"]}, max(1, GIF_PIXELS // cfg.obs_size))
+    write_gif(frames, out, fps=10, what=f"{len(mae)} imagined frames after {K} real ones")
     print("per-frame mean abs error (0-255): " + " ".join(f"{e:.1f}" for e in mae))
     if mae:
         print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")
-    return r
+    return dict(r, out=out)
 
 # =====================================================================================================
 # command line
 # =====================================================================================================
 
 def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.ArgumentParser, DiamondConfig]:
-    """A parser with one flag per DiamondConfig field whose defaults are those of the chosen --preset
-    (read first), so `--preset small --num-sampling-steps 5` means: small, then that one change."""
+    """A parser with one flag per DiamondConfig field whose defaults are those of the chosen --preset (read
+    first), so `--preset small --num-sampling-steps 5` means: small, then that one change; with --resume RUN
+    the defaults are the run's own config."""
     pre = common.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large", choices=list(PRESETS))
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
-    base = DiamondConfig(preset=known.preset)
-    if known.resume:  # the run's own config is the default: flags given now change only what they name
-        base = DiamondConfig(**common.load_checkpoint(Path(known.resume) / "ckpt.pt", "diamond")["config"])
+    base = load_run(known.resume)[0] if known.resume else DiamondConfig(preset=known.preset)
     return common.add_config_args(common.ArgumentParser(description=description), base), base
 
 
-# What a resumed run cannot change: the networks' shapes, and what the checkpoint restores (optimizer state with
-# its learning rate and warm-up, RNG states). The schedule (epochs, step budgets, evaluation) may be extended.
-FIXED_ON_RESUME = ("preset", "game", "obs_size", "num_steps_conditioning", "diffusion_channels", "diffusion_depths",
-                   "diffusion_attn_depths", "diffusion_cond_dim", "rew_end_channels", "rew_end_depths",
-                   "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_channels", "actor_critic_lstm_dim", "seed",
-                   "learning_rate", "weight_decay", "actor_critic_weight_decay", "warmup_steps")
+# What a resumed run cannot change: the networks' shapes, and what the checkpoint restores (optimizer state
+# with its learning rate and warm-up; the seed of every random stream). The schedule may be extended.
+FIXED_ON_RESUME = ("preset", "game", "obs_size", "num_steps_conditioning", "diffusion_channels",
+                   "diffusion_depths", "diffusion_attn_depths", "diffusion_cond_dim", "rew_end_channels",
+                   "rew_end_depths", "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_channels",
+                   "actor_critic_lstm_dim", "seed", "learning_rate", "weight_decay",
+                   "actor_critic_weight_decay", "warmup_steps")
 
 
 def parse_config(argv) -> DiamondConfig:
@@ -1583,76 +1629,76 @@ def _hns_text(hns: Optional[float]) -> str:
 
 
 def train_command(argv) -> dict:
-    parser, base = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, and an "
-                                       "actor-critic trained in imagination.")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its ckpt.pt and dataset)")
+    parser, base = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, "
+                                       "and an actor-critic trained in imagination.")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder or its ckpt.pt)")
     parser.add_argument("--train-world-model-only", action="store_true",
                         help="train only the denoiser and the reward/end model (on random-policy data)")
-    parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent checkpoint")
+    parser.add_argument("--from-official", metavar="PATH", help="start from an official DIAMOND agent")
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(base, args)  # an unknown game fails here, before any work
-    check_config(cfg)
+    cfg = common.config_from_args(base, args)
+    check_config(cfg)  # an unknown game fails here, before any work
+    official = read_agent(args.from_official) if args.from_official and not args.resume else None
     if args.resume:  # e.g. --resume RUN --num-epochs 60 trains longer
-        run_dir = Path(args.resume)
+        run_dir = common.run_folder(args.resume)
         changed = [common.flag(f) for f in FIXED_ON_RESUME if getattr(cfg, f) != getattr(base, f)]
         if changed:
-            raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot change "
-                             f"(start a new run to change them)")
+            raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot "
+                             f"change (start a new run to change them)")
     else:
         run_dir = common.make_run_dir("diamond", resolve_game(cfg.game)[4:].split("-")[0])
     print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,
                       log=lambda s: print(s, flush=True))
-    if args.from_official and not args.resume:
-        load_official_agent(trainer.agent, args.from_official)
+    if official is not None:
+        check_actions(official, cfg.game, trainer.num_actions)
+        load_agent(trainer.agent, official, args.from_official)
     t0 = time.time()
     result = trainer.run()
     if result:
-        print(f"final evaluation, {len(result['returns'])} test episodes: mean return {result['return_mean']:.2f}, "
-              f"max {result['return_max']:.0f}, HNS {_hns_text(result['hns'])} | {time.time() - t0:.0f} s | {run_dir}")
+        print(f"final evaluation, {len(result['returns'])} test episodes: mean return "
+              f"{result['return_mean']:.2f}, max {result['return_max']:.0f}, "
+              f"HNS {_hns_text(result['hns'])} | {time.time() - t0:.0f} s | {run_dir}")
     if not args.train_world_model_only:
         try:
-            dream(str(run_dir / "ckpt.pt"), steps=min(60, cfg.eval_max_steps), out=str(run_dir / "dream.gif"),
-                  seed=cfg.seed, device="cpu")
+            dream(run_dir, steps=min(60, cfg.eval_max_steps), seed=cfg.seed, device="cpu")
         except Exception as e:  # a dream is a bonus: never lose a finished run over it
             print(f"(no dream GIF: {type(e).__name__}: {e})")
     return result
 
 
 def eval_command(argv) -> dict:
-    """python diamond.py eval --ckpt RUN/ckpt.pt [--episodes 10] [--gif out.gif] [--compare-random]
-    python diamond.py eval --from-official Breakout.pt --game Breakout-v5   (an official agent, large preset)"""
     p = common.ArgumentParser(description="Play the real game with a trained DIAMOND agent.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a checkpoint of this script (RUN_DIR/ckpt.pt)")
-    src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent checkpoint")
-    p.add_argument("--game", help="the game (needed with --from-official; default: the checkpoint's)")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--max-steps", type=int, help="cap per episode (default: the config's eval_max_steps)")
+    src.add_argument("--ckpt", metavar="RUN", help="a run of this script (its folder or its ckpt.pt)")
+    src.add_argument("--from-official", metavar="PATH", help="an official DIAMOND agent (needs --game)")
+    p.add_argument("--game", help="the game to play; default %(default)s = the run's")
+    p.add_argument("--episodes", type=int, default=10, help="test episodes, played in parallel")
+    p.add_argument("--max-steps", type=int, help="cap per episode; default %(default)s = the run's")
     p.add_argument("--seed", type=int, default=0, help="seed of the test episodes (no-op starts) and actions")
     p.add_argument("--epsilon", type=float, default=0.0, help="epsilon-greedy actions (1 = random policy)")
     p.add_argument("--compare-random", action="store_true", help="also play the same episodes at random")
-    p.add_argument("--gif", help="save the first episode as an animated GIF")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--gif", help="save the first episode as an animated GIF (a .gif path)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
         p.error("--from-official needs --game (e.g. --game Breakout-v5)")
-    common.check_ranges(args, positive=("episodes", "max_steps"), unit=("epsilon",))
-    # the published agents use the paper's networks (large preset)
-    cfg = DiamondConfig(**common.load_checkpoint(args.ckpt, "diamond")["config"]) if args.ckpt else DiamondConfig()
-    cfg.game, cfg.device = args.game or cfg.game, args.device
-    cfg.eval_max_steps = args.max_steps or cfg.eval_max_steps
-    device = common.pick_device(cfg.device)
-    # the same seeds give the same episodes (no-op starts) for the policy and the random comparison
+    common.check_ranges(args, positive=("episodes", "max_steps"), non_negative=("seed",), unit=("epsilon",))
+    gif = gif_path(args.gif, "--gif") if args.gif else None
+    cfg, state = load_run(args.ckpt) if args.ckpt else (DiamondConfig(), None)  # official: the paper's sizes
+    sd, trained_on = (state["model"], cfg.game) if state else (read_agent(args.from_official), "")
+    cfg.game, cfg.eval_max_steps = args.game or cfg.game, args.max_steps or cfg.eval_max_steps
+    device = common.pick_device(args.device)
+    # the same seed gives the same episodes (no-op starts) for the policy and the random comparison
     make_env = lambda: AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
                                    seed=args.seed, device=device)
     env = make_env()
+    check_actions(sd, cfg.game, env.num_actions, trained_on)
     agent = Agent(cfg, env.num_actions)
-    load_official_agent(agent, args.ckpt or args.from_official)  # strict per part: a wrong game fails here
-    agent.to(device).eval()
-    frames, t0 = [] if args.gif else None, time.time()
-    r = evaluate_policy(agent.actor_critic, env, cfg.eval_max_steps, args.epsilon,
-                        torch.Generator().manual_seed(args.seed), frames)
+    load_agent(agent, sd, args.ckpt or args.from_official)
+    ac, frames, t0 = agent.actor_critic.to(device).eval(), [] if gif else None, time.time()
+    gen = lambda: torch.Generator().manual_seed(args.seed)
+    r = evaluate_policy(ac, env, cfg.eval_max_steps, args.epsilon, gen(), frames)
     r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
     cut = args.episodes - r["finished"]
     cut = f" ({cut} cut at {cfg.eval_max_steps} steps)" if cut else ""
@@ -1660,34 +1706,33 @@ def eval_command(argv) -> dict:
           f"{r['return_max']:.0f}, HNS {_hns_text(r['hns'])}{cut} | {time.time() - t0:.0f} s")
     names = env.envs[0].action_names  # what the policy does: its most frequent actions
     top = sorted(zip(r["action_freq"], names), reverse=True)[:4]
-    print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top) + f" (uniform {1 / len(names):.0%})")
-    if args.gif:
-        common.save_gif(frames, args.gif, fps=15)
-        print(f"wrote {args.gif} ({len(frames)} frames)")
+    print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top)
+          + f" (uniform {1 / len(names):.0%})")
+    if gif:
+        write_gif(np.stack(frames), gif, fps=15, what="episode 1")
     if args.compare_random:
-        rr = evaluate_policy(agent.actor_critic, make_env(), cfg.eval_max_steps, 1.0,
-                             torch.Generator().manual_seed(args.seed))
-        print(f"random policy, same episodes: returns {rr['returns']}\nmean {rr['return_mean']:.2f}, "
-              f"max {rr['return_max']:.0f}")
-        r["random"] = rr
+        r["random"] = evaluate_policy(ac, make_env(), cfg.eval_max_steps, 1.0, gen())
+        print(f"random policy, same episodes: returns {r['random']['returns']}\nmean "
+              f"{r['random']['return_mean']:.2f}, max {r['random']['return_max']:.0f}")
     return r
 
 
 def dream_command(argv) -> dict:
     p = common.ArgumentParser(description="The real game and the world model's dream of it, side by side.")
-    p.add_argument("--ckpt", required=True, help="RUN_DIR/ckpt.pt")
-    p.add_argument("--steps", type=int, default=100, help="imagined steps after the 4 real context frames")
-    p.add_argument("--out", default="dream.gif")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt", metavar="RUN", required=True, help="a run of this script (folder or ckpt.pt)")
+    p.add_argument("--steps", type=int, default=100, help="imagined steps after the real context frames")
+    p.add_argument("--out", help="the GIF to write; default %(default)s = RUN/dream.gif")
+    p.add_argument("--seed", type=int, default=0, help="seed of the real game and of the sampler")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     args = p.parse_args(argv)
-    common.check_ranges(args, positive=("steps",))
-    return dream(args.ckpt, args.steps, args.out, args.seed, args.device)
+    common.check_ranges(args, positive=("steps",), non_negative=("seed",))
+    out = gif_path(args.out, "--out") if args.out else None
+    return dream(args.ckpt, args.steps, out, args.seed, args.device)
 
 
-COMMANDS = {"train": (lambda argv: train_command(argv), "collect, train the world model and the agent (default)"),
-            "eval": (lambda argv: eval_command(argv), "play the real game with a trained agent"),
-            "dream": (lambda argv: dream_command(argv), "a GIF of the real game beside the world model's dream")}
+COMMANDS = {"train": (train_command, "collect, train the world model and the agent (default)"),
+            "eval": (eval_command, "play the real game with a trained agent"),
+            "dream": (dream_command, "a GIF of the real game beside the world model's dream")}
 
 
 def main(argv=None):

@@ -476,7 +476,7 @@ class Diffusion:
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         betas = 1 - abar / abar_prev
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)                 # beta_tilde_t
-        self.alphas_cumprod = abar
+        self.alphas_cumprod = common.device_table(abar, device)
         # log beta_tilde with the t=0 entry (which is 0) replaced by t=1's ("clipped", as ADM)
         self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).to(device)
         self.log_betas = betas.log().to(device)
@@ -509,7 +509,8 @@ class Diffusion:
         if not learn_sigma:
             return mse.mean(), metrics
         C = x0.shape[1]
-        x0_hat, _ = common.pred_to_x0_eps(out[:, :C].detach(), x_t, self.alphas_cumprod[t.cpu()], pred)
+        x0_hat, _ = common.pred_to_x0_eps(out[:, :C].detach(), x_t, self.alphas_cumprod[t.to(self.alphas_cumprod.device)],
+                                          pred)
         vb = self.vlb_terms(x0, x_t, t, x0_hat, out[:, C:])
         metrics["vb"] = vb.mean().detach()
         return (mse + vb).mean(), metrics

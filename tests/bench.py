@@ -110,27 +110,28 @@ def bench_ddpm():
     import ddpm
     torch.manual_seed(0)
     cfg = ddpm.PRESETS["cifar10"]
-    model = ddpm.DDPM(cfg).to(DEVICE)
+    model = ddpm.build_model(cfg).to(DEVICE)
+    table = common.device_table(ddpm.alphas_cumprod(cfg), DEVICE)
     B = 16 if DEVICE.type == "cpu" else 128
     x = torch.randn(B, 3, 32, 32, device=DEVICE)
-    train = train_rate(model, lambda: model(x), B)
+    train = train_rate(model, lambda: common.diffusion_loss(model, x, table)[0].mean(), B)
     model.eval()
     t = torch.full((B,), 500.0, device=DEVICE)
     with torch.no_grad(), autocast():
-        nfe_sec = timeit(lambda: model.net(x, t), min_time=2.0)
-    return {"model": "ddpm (paper CIFAR-10 U-Net)", "params_M": ddpm.num_params(model.net) / 1e6, "batch": B,
+        nfe_sec = timeit(lambda: model(x, t), min_time=2.0)
+    return {"model": "ddpm (paper CIFAR-10 U-Net)", "params_M": ddpm.num_params(model) / 1e6, "batch": B,
             **train, "unit": "img",
             "sample_ms_per_img_per_nfe": 1e3 * nfe_sec / B, **ab_ddpm(B)}
 
 
 def bench_dit():
     torch.manual_seed(0)
-    cfg = dit.get_dit_config(DATASET="shapes")  # the CIFAR default: width 384, depth 6, 6 heads, patch 4
+    cfg = dit.get_dit_config(dataset="shapes")  # the CIFAR default: width 384, depth 6, 6 heads, patch 4
     model = dit.build_model(cfg, num_classes=10).to(DEVICE)
-    diffusion = dit.Diffusion(cfg.TIMESTEPS, cfg.BETA_START, cfg.BETA_END, device=DEVICE)
+    diffusion = dit.Diffusion(dit.alphas_cumprod(cfg), DEVICE)
     B = 32 if DEVICE.type == "cpu" else 256
     x, y = torch.randn(B, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (B,), device=DEVICE)
-    loss = lambda: diffusion.loss(model, x, y, model.null_class, cfg.CLASS_DROPOUT, cfg.LEARN_SIGMA)[0]
+    loss = lambda: diffusion.loss(model, x, y, model.null_class, cfg.label_dropout, cfg.learn_sigma)[0]
     train = train_rate(model, loss, B)
     model.eval()
     t = torch.full((B,), 500, device=DEVICE)
@@ -152,7 +153,7 @@ def bench_diamond():
     act = torch.randint(0, num_actions, (B, K + 1), device=DEVICE)
     mask = torch.ones(B, K + 1, dtype=torch.bool, device=DEVICE)
     train = train_rate(den, lambda: den.loss(obs, act, mask)[0], B)
-    sampler = diamond.EulerSampler(den, num_steps_denoising=3)
+    sampler = diamond.DiffusionSampler(den, num_steps_denoising=3)
     with autocast():
         sec1 = timeit(lambda: sampler.sample(obs[:1, :K], act[:1, :K]), min_time=2.0)
     # One actor-critic batch of imagination at this size: 32 envs x horizon 15 x 3 NFE. Measured on a
@@ -284,11 +285,11 @@ def ab_dit(B: int) -> dict:
     import copy
     import numpy as np
     torch.manual_seed(0)
-    cfg = dit.get_dit_config(DATASET="shapes")
+    cfg = dit.get_dit_config(dataset="shapes")
     ours = dit.build_model(cfg, num_classes=10).to(DEVICE)
     perturb_(ours)
     ref = copy.deepcopy(ours)
-    diffusion = dit.Diffusion(device=DEVICE)
+    diffusion = dit.Diffusion(dit.alphas_cumprod(cfg), DEVICE)
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
     sqrt_abar, sqrt_1m_abar = np.sqrt(abar), np.sqrt(1.0 - abar)
     x, y = torch.randn(B, 3, 32, 32, device=DEVICE).clamp(-1, 1), torch.randint(0, 10, (B,), device=DEVICE)
@@ -339,13 +340,14 @@ def ab_ddpm(B: int) -> dict:
     torch.manual_seed(0)
     ref = UNet2DModel(**DIFFUSERS_CONFIG, dropout=0.1).to(DEVICE)
     perturb_(ref)
-    ours = ddpm.DDPM(ddpm.PRESETS["cifar10"]).to(DEVICE)
-    ours.net.load_state_dict(ddpm.convert_diffusers(ref.state_dict()), strict=True)
+    ours = ddpm.build_model(ddpm.PRESETS["cifar10"]).to(DEVICE)
+    ours.load_state_dict(ddpm.convert_diffusers(ref.state_dict()), strict=True)
+    table = common.device_table(ddpm.alphas_cumprod(ddpm.PRESETS["cifar10"]), DEVICE)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     x = torch.randn(B, 3, 32, 32, device=DEVICE).clamp(-1, 1)
     with torch.no_grad():
         t = torch.randint(0, 1000, (B,), device=DEVICE)
-        diff = (ours.net.eval()(x, t.float()) - ref.eval()(x, t).sample).abs().max().item()
+        diff = (ours.eval()(x, t.float()) - ref.eval()(x, t).sample).abs().max().item()
     ours.train(), ref.train()
 
     def ref_loss():
@@ -354,7 +356,8 @@ def ab_ddpm(B: int) -> dict:
         return torch.nn.functional.mse_loss(ref(sched.add_noise(x, noise, t), t).sample, noise)
 
     rates, speedup = ab_rates({"diffusers": optimizer_step(ref.parameters(), ref_loss, lr=2e-4),
-                               "ours": optimizer_step(ours.parameters(), lambda: ours(x), lr=2e-4,  # ddpm.py's
+                               "ours": optimizer_step(ours.parameters(),  # ddpm.py's loss and optimizer
+                                                      lambda: common.diffusion_loss(ours, x, table)[0].mean(), lr=2e-4,
                                                       **common.fused_adam(DEVICE))}, B, rounds=20)
     return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
             "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"], "ab_speedup": speedup,

@@ -186,6 +186,8 @@ def test_grids_name_their_classes_and_class_takes_a_name(runs, script):
     assert strip.shape[1] > 20 and (strip > 128).any()
     final = next(run_dirs[script].glob("samples_*.png"))  # the training grid: 10 classes, one row each
     assert Image.open(final).size[1] == 10 * 66 + 2
+    curves = np.asarray(Image.open(run_dirs[script] / "curves.png").convert("RGB"))  # the loss against steps
+    assert ((curves[..., 2] > 150) & (curves[..., 0] < 80)).sum() > 50  # the blue loss line is drawn
 
 
 # 10. defaults that agree ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,7 +77,7 @@ def test_config_flags_parse_every_kind():
 
 @pytest.mark.parametrize("argv, message", [
     (["ddpm.py", "sample", "--ckpt", "missing.pt"], "error: no checkpoint file at missing.pt"),
-    (["dit.py", "--dataset", "folder:no_such_folder"], "error: --dataset folder:no_such_folder: no such folder"),
+    (["dit.py", "--dataset", "folder:no_such_folder"], r"error: --dataset folder:/\S*/no_such_folder: no such folder"),
     (["diamond.py", "--game", "NoSuchGame-v5"], "error: --game 'NoSuchGame-v5' is not an Atari game of ale-py"),
     (["ddpm.py", "evaluate", "--ckpt", "missing.pt", "--batch-size", "0"], "error: --batch-size must be positive"),
     (["dit.py", "sample", "--ckpt", "missing.pt", "--npz", "-5"], "error: --npz must be >= 0, got -5"),
@@ -89,7 +90,7 @@ def test_user_errors_end_the_script_with_one_line(tmp_path, argv, message):
     out = subprocess.run([sys.executable, str(script), *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message), out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and re.match(message, out.stderr), out.stderr
     assert not any(tmp_path.iterdir())  # failed before any work: no run folder, no data
 
 
@@ -159,6 +160,7 @@ def test_ema_math():
     model(torch.randn(8, 3))  # updates BatchNorm running stats and num_batches_tracked
     C.ema_update(ema, model, decay=0.9)
     m = model.state_dict()
+    # ema_update's arithmetic vs 0.9 e + 0.1 m: a few float32 ulp, within assert_close's float32 defaults
     for k, v in ema.state_dict().items():
         if v.dtype.is_floating_point:
             torch.testing.assert_close(v, 0.9 * e0[k] + 0.1 * m[k])
@@ -381,7 +383,7 @@ def test_rng_round_trip_through_checkpoint(tmp_path):
     assert got == expect
 
 
-def test_run_dir_metrics_log_and_progress(tmp_path):
+def test_run_dir_metrics_log_and_progress(tmp_path, monkeypatch):
     a = C.make_run_dir("ddpm", "shapes", root=tmp_path)
     b = C.make_run_dir("ddpm", "shapes", root=tmp_path)
     assert a != b and a.is_dir() and b.is_dir() and a.name.startswith("ddpm-shapes-2")
@@ -390,13 +392,11 @@ def test_run_dir_metrics_log_and_progress(tmp_path):
     log.log(step=2, loss=0.25)
     rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 0.5), (2, 0.25)] and rows[0]["lr"] == 1e-4
+    clock = iter([100.0, 102.0])  # a fixed clock: 100 steps of 64 images take exactly 2 s, however loaded the CPU
+    monkeypatch.setattr(C.time, "perf_counter", lambda: next(clock))
     p = C.Progress(1000, unit="img")
-    p.last_time -= 2.0  # pretend 100 steps of 64 images took 2 s
     line = p.line(100, 0.03123, 64)
-    assert line.startswith("step 100/1000 | loss 0.0312 | ") and " img/s | ETA " in line
-    rate = float(line.split(" | ")[2].split()[0])
-    assert 3000 < rate <= 3200  # 6400 images in ~2 s
-    assert line.endswith("ETA 18s") or line.endswith("ETA 17s")  # 900 steps at ~50 steps/s
+    assert line == "step 100/1000 | loss 0.0312 | 3200.0 img/s | ETA 18s"  # 900 steps at 50 steps/s
 
 
 # ----------------------------------------------------------------------------------------------------

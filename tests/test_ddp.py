@@ -67,9 +67,12 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     grads, losses, weights = train(make_model(), C.Dataset(images, labels, 10), PER_RANK * WORLD)
     for rank in range(WORLD):
         r_grads, r_losses, r_weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # two float32 orders of the same sums (2 x 6 examples averaged vs 12, the first conv's weight gradient over
+        # 12 x 256 positions) through GroupNorm: ~1e-6 of each gradient's size (measured 1.4e-6): 1e-5 of it
         for a, b in zip(r_grads, grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(r_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        torch.testing.assert_close(torch.tensor(r_losses), torch.tensor(losses), rtol=1e-5, atol=0)
+        # 3 Adam steps of lr = 1e-2 in directions m / sqrt(v) carrying the gradients' ~1e-6: ~1e-7 apart (measured 6e-8)
         for a, b in zip(r_weights, weights):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # the comparison is not vacuous: one rank's own half-batch gradient differs from the full-batch one

@@ -70,7 +70,7 @@ def test_output_shapes_and_class_conditioning():
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)
     a = net(x, torch.tensor([10.0, 10.0]), torch.tensor([0, 0]))
     b = net(x, torch.tensor([10.0, 10.0]), torch.tensor([1, 3]))
-    assert (a - b).abs().max() > 1e-4
+    assert (a - b).abs().max() > 1e-4  # measured 2.7; float32 noise of the output ~1e-6
 
 
 def test_ddpm_loss_targets_and_sampling_shape():
@@ -96,8 +96,12 @@ def test_timestep_embedding_matches_official_formula():
     t = torch.tensor([0.0, 1.0, 999.0])
     emb = ddpm.timestep_embedding(t, 128)
     f = np.exp(-math.log(10000) * np.arange(64) / 63)  # divisor half - 1, sin first
-    ref = np.concatenate([np.sin(t.numpy()[:, None] * f), np.cos(t.numpy()[:, None] * f)], 1)
-    assert np.abs(emb.numpy() - ref).max() < 1e-3  # float32 sinusoid (as official) vs float64
+    arg = t.numpy()[:, None] * f
+    ref = np.concatenate([np.sin(arg), np.cos(arg)], 1)
+    # float32 sinusoid (as official) vs float64: exp's argument (|x| <= ln 1e4) carries an ulp, so f is off by
+    # (ln 1e4 + 1) ulp, t f by one more, sin/cos add an ulp of the result (measured 2.6 eps (1 + |t f|))
+    bound = (math.log(10000) + 2) * np.finfo(np.float32).eps * (1 + np.abs(np.concatenate([arg, arg], 1)))
+    assert (np.abs(emb.numpy() - ref) <= bound).all()
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -277,7 +281,9 @@ def test_diffusers_conversion_computes_what_diffusers_computes(tmp_path):
         ours = model(x, t.float())
         ref = diffusers_reference_forward(sd, x, t)
     assert ours.abs().mean() > 0.1  # not a degenerate comparison
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+    # two float32 orders of the same ~200 ops in sequence (fused qkv, folded upsampling), ~1e-6 of the activations' size
+    # each: 1e-4 of max|ref| (measured 7e-7)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
     model2 = ddpm.build_model(PRESETS["cifar10"])
     ddpm.load_diffusers_into(model2, tmp_path / "diffusion_pytorch_model.bin")
@@ -326,9 +332,10 @@ def test_loss_decreases_on_shapes():
     losses = []
     for step in range(60):
         x, _ = common.get_batch(data, step, cfg.batch_size, seed=0)
-        losses.append(ddpm.train_step(net, opt, x, None, cfg, step, torch.Generator().manual_seed(step))["loss"])
+        g = torch.Generator().manual_seed(step)
+        losses.append(ddpm.train_step(net, opt, x, None, cfg, step, g, ddpm.alphas_cumprod(cfg))["loss"])
     first, last = np.mean(losses[1:6]), np.mean(losses[-10:])
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.5 * first, (first, last)  # measured 0.15 x first
 
 
 def test_train_sample_cli_end_to_end(in_tmp):
