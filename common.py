@@ -252,9 +252,7 @@ def make_alphas_cumprod(schedule: str = "linear", T: int = 1000, beta_start: flo
 # Two views of one forward process (Kingma et al. 2021; Karras et al. 2022 §2), at t with alpha-bar a_t:
 #   VP (what the network sees):      x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
 #   VE (what ODE samplers integrate): x = x_t / sqrt(a_t) = x0 + sigma eps,   sigma_t = sqrt((1 - a_t) / a_t)
-# DDPM and DDIM are written in the VP view at integer t; Euler, Heun and DPM-Solver++ are k-diffusion style
-# functions of a denoiser D(x; sigma) -> x0 in the VE view. `Denoiser` serves both views from any network
-# net(x_t, t, y) predicting eps, x0 or v. Shapes: B batch, C channels, H, W; `t` and `sigma` are (B,).
+# `Denoiser` serves both views to the samplers. Shapes: B batch, C channels, H, W; `t` and `sigma` are (B,).
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp")
 PREDICTIONS = ("eps", "x0", "v")
@@ -340,7 +338,7 @@ def cfg_net(net, y: Optional[torch.Tensor], y_null: Optional[torch.Tensor], guid
 
 class Denoiser:
     """The one interface between a network and every sampler. net(x_t, t, y) takes VP inputs at timesteps
-    t in [0, T-1] and predicts `pred`, plus C variance channels when learned_sigma. Two views of it:
+    t in [0, T-1] and predicts `pred` (eps, x0 or v), plus C variance channels when learned_sigma. Views:
       .predict(x_t, t, abar) -> (x0, eps, v)  VP view (DDPM, DDIM); v: the variance channels or None
       denoiser(x, sigma) -> x0                VE view, k-diffusion's D(x; sigma) (Euler, Heun, DPM-Solver++):
                                               the net gets x / sqrt(1 + sigma^2) at t = sigma_to_t(sigma)
@@ -1665,9 +1663,6 @@ def format_metrics_table(rows: list) -> str:
 # =====================================================================================================
 # 10. diffusion runs: the training loss, run folders, sampling and evaluation commands of ddpm.py and dit.py
 # =====================================================================================================
-
-# Both scripts train a network net(x_t, t, y) on the discrete VP process and share what surrounds it,
-# reading the fields of RunConfig, which both configs inherit.
 
 SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings: sample's defaults
 
