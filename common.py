@@ -1990,7 +1990,7 @@ class Run:
         """curves.png from metrics.jsonl (a resumed run draws its whole history): the loss, and the
         sample-quality metrics of the evaluations, against training steps."""
         rows = [json.loads(line) for line in self.log.path.read_text().splitlines()]
-        rows = [r for r in rows if "sampler" not in r]
+        rows = [r for r in rows if "sample_sampler" not in r]  # not the rows of later `evaluate` commands
         panels = [("training loss", ["loss"]), ("shapes-FD (lower is better)", ["eval/shapes_fd"]),
                   ("class accuracy, precision, recall", ["eval/class_acc", "eval/precision", "eval/recall"])]
         panels = [{"title": title, "xlabel": "training step",
