@@ -7,28 +7,28 @@ Official code: github.com/hojonathanho/diffusion (TensorFlow). Public weights: t
 Idea: a fixed forward process adds Gaussian noise over T = 1000 steps,
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s),
 and a U-Net learns to undo it by predicting the noise: L_simple = E_{t, x_0, eps} |eps - eps_theta(x_t, t)|^2
-with t uniform. Sampling runs the learned reverse chain from x_T ~ N(0, I) (or any faster sampler from common.py).
-The defaults are the paper's CIFAR-10 run: 35.7 M-parameter U-Net, linear beta 1e-4 -> 0.02, Adam 2e-4 with
-5000 warm-up steps, batch 128, grad-norm clip 1, EMA 0.9999, horizontal flips, 800k steps.
+with t uniform. Sampling runs the learned reverse chain from x_T ~ N(0, I) (or any faster sampler from
+common.py). The defaults are the paper's CIFAR-10 run: 35.7 M-parameter U-Net, linear beta 1e-4 -> 0.02,
+Adam 2e-4 with 5000 warm-up steps, batch 128, grad-norm clip 1, EMA 0.9999, horizontal flips, 800k steps.
 
 Usage:
     python ddpm.py train --dataset cifar10                       # the paper's run (GPU; bf16: --bf16)
     torchrun --nproc_per_node 8 ddpm.py train --dataset cifar10  # the same on 8 GPUs (global batch 128)
-    python ddpm.py train --preset tiny                           # CPU demo on `shapes`: a few minutes on 2 cores
+    python ddpm.py train --preset tiny                           # CPU demo on `shapes`: minutes on 2 cores
     python ddpm.py train --preset tiny --steps 20                # CPU smoke run: well under a minute
     python ddpm.py train --resume runs/ddpm-shapes-... --steps 4000   # continue a run exactly, train longer
     python ddpm.py sample --ckpt runs/ddpm-shapes-...            # a grid with the run's own sampler settings
     python ddpm.py sample --ckpt RUN --sampler heun --steps 10 --class plus --out plus.png
-    python ddpm.py sample --from-diffusers diffusion_pytorch_model.safetensors --steps 1000   # the paper's weights
+    python ddpm.py sample --from-diffusers diffusion_pytorch_model.safetensors --steps 1000  # paper's weights
     python ddpm.py sample --ckpt RUN --n 64 --npz 50000          # uint8 NHWC .npz for the ADM FID evaluator
     python ddpm.py evaluate --ckpt RUN --n 1000                  # shapes FD / accuracy / precision / recall
-    python ddpm.py --help                                        # the commands; `ddpm.py sample --help`: its flags
+    python ddpm.py --help                                        # commands; `ddpm.py sample --help`: flags
 Python:
     import common, ddpm
     cfg = ddpm.PRESETS["tiny"]                          # a DDPMConfig; any field can be replaced
     net = ddpm.build_model(cfg, num_classes=10)         # the U-Net (untrained here)
     print(ddpm.num_params(net))                         # 688,051 parameters, all trainable
-    model = ddpm.diffusion_net(net, cfg)                # as the samplers see it: schedule, labels, grid settings
+    model = ddpm.diffusion_net(net, cfg)                # as samplers see it: schedule, labels, grid settings
     images, labels, nfe = common.sample_images(model, 16, steps=5)   # (16, 3, 16, 16) in [-1, 1]
     # model, cfg, ckpt = ddpm.load("runs/ddpm-shapes-...")           # a trained run, with its EMA weights
 """
@@ -59,12 +59,13 @@ import common
 
 @dataclass
 class DDPMConfig(common.RunConfig):
-    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with dit.py); the defaults
-    below are the paper's CIFAR-10 run where they differ from those."""
+    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with dit.py); the
+    defaults below are the paper's CIFAR-10 run where they differ from those."""
     # U-Net (paper CIFAR-10: 128, (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1)
     ch: int = field(default=128, metadata={"help": "base channel count of the U-Net"})
-    ch_mult: tuple = field(default=(1, 2, 2, 2), metadata={"help": "channel multiplier per resolution; --img-size "
-                                                                  "must be divisible by 2^(len(ch_mult)-1)"})
+    ch_mult: tuple = field(default=(1, 2, 2, 2), metadata={"help": "channel multiplier per resolution; "
+                                                                  "--img-size must be divisible by "
+                                                                  "2^(len(ch_mult)-1)"})
     num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution (down path)"})
     attn_res: tuple = field(default=(16,), metadata={"help": "resolutions that get self-attention"})
     dropout: float = field(default=0.1, metadata={"help": "dropout inside residual blocks"})
@@ -75,7 +76,7 @@ class DDPMConfig(common.RunConfig):
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     steps: int = 800_000
     lr: float = 2e-4
-    # grids: the paper's ancestral sampler (variance beta, x0 clipped as in the official code), 100 respaced steps
+    # grids: the paper's ancestral sampler (variance beta, x0 clipped as in official code), 100 respaced steps
     ckpt_every: int = 10_000
     sample_every: int = 10_000
     sample_sampler: str = "ddpm"
@@ -86,15 +87,15 @@ class DDPMConfig(common.RunConfig):
 PRESETS = {
     # Ho et al. (2020) CIFAR-10: exactly the defaults above.
     "cifar10": DDPMConfig(),
-    # Small U-Net that learns `shapes` on 2 CPU cores in ~4-5 minutes (`make demo`): 16 px (shapes are drawn natively
-    # at that size; 16 -> 8 -> 4, attention at 4x4) and class-conditional, so the final grid (one row per class)
-    # shows recognisable shapes after ~2000 steps. EMA 0.995: a ~200-step window, short enough for a short run.
+    # Small U-Net that learns `shapes` on 2 CPU cores in ~4-5 minutes (`make demo`): 16 px (the size shapes
+    # are drawn at; 16 -> 8 -> 4, attention at 4x4) and class-conditional, so the final grid (one row per
+    # class) shows recognisable shapes after ~2000 steps. EMA 0.995: a ~200-step window, fit for a short run.
     # Grid settings: the best of the README's sampler table for this model (DDIM 50, clipped x0, CFG w = 1.5).
-    "tiny": DDPMConfig(dataset="shapes", img_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_res=(4,),
-                       dropout=0.0, norm_groups=8, class_cond=True, steps=2000, batch_size=32, lr=2e-3, warmup=50,
-                       ema_decay=0.995, log_every=100, ckpt_every=1000, sample_every=0, sample_n=100,
-                       sample_sampler="ddim", sample_steps=50, sample_guidance=1.5, sample_clip=True, eval_every=0,
-                       eval_n=500),
+    "tiny": DDPMConfig(dataset="shapes", img_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                       attn_res=(4,), dropout=0.0, norm_groups=8, class_cond=True, steps=2000, batch_size=32,
+                       lr=2e-3, warmup=50, ema_decay=0.995, log_every=100, ckpt_every=1000, sample_every=0,
+                       sample_n=100, sample_sampler="ddim", sample_steps=50, sample_guidance=1.5,
+                       sample_clip=True, eval_every=0, eval_n=500),
 }
 
 # Which fields define the network and the diffusion: a checkpoint only fits a config that agrees on them.
@@ -130,7 +131,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [sin(t f) | cos(t f)], f_i = 10000^(-i / (dim/2 - 1)) (official code; sin first).
     t: (B,) float timesteps (fractional allowed). Built in float32, as the official code does."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, dim)
 
@@ -148,7 +150,7 @@ class TimestepMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """h = conv1(SiLU(GN(x))) + W SiLU(e);  out = skip(x) + conv2(Dropout(SiLU(GN(h)))).  x: (B, cin, H, W)."""
+    """h = conv1(SiLU(GN(x))) + W SiLU(e); out = skip(x) + conv2(Dropout(SiLU(GN(h)))). x: (B, cin, H, W)."""
 
     def __init__(self, cin: int, cout: int, temb_ch: int, dropout: float, groups: int):
         super().__init__()
@@ -171,7 +173,7 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual: x + proj(softmax(q k^T / sqrt(C)) v)."""
+    """Single-head self-attention over H*W positions, with residual: x + proj(softmax(q k^T / sqrt(C)) v)."""
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
@@ -189,7 +191,7 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 conv with stride 2 after zero-padding right and bottom by one (TF 'SAME'; torch padding=1 differs)."""
+    """3x3 stride-2 conv after zero-padding right and bottom by one (TF 'SAME'; torch padding=1 differs)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -220,7 +222,7 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """One resolution of the decoder: resnets[i] on [h, skip] (+ attentions[i]), then an optional upsampler."""
+    """One decoder resolution: resnets[i] on [h, skip] (+ attentions[i]), then an optional upsampler."""
 
     def __init__(self, resnets, attentions, upsample: bool):
         super().__init__()
@@ -255,7 +257,7 @@ class UNet(nn.Module):
         self.ch, self.in_ch, self.num_classes = ch, in_ch, num_classes
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.time_embedding = TimestepMLP(ch, temb_ch)
-        # Class conditioning: an embedding added to the time embedding; index num_classes is the null label (CFG).
+        # Class conditioning: an embedding added to the time embedding; the null label (CFG) is num_classes.
         self.class_embedding = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
 
         # Encoder: record the width of every tensor pushed on the skip stack.
@@ -361,7 +363,8 @@ def alphas_cumprod(cfg: DDPMConfig) -> torch.Tensor:
 def diffusion_net(net: UNet, cfg: DDPMConfig, class_names=None) -> common.DiffusionNet:
     """The U-Net as the samplers see it, with the run's grid settings as its sampling defaults."""
     return common.DiffusionNet(net, alphas_cumprod(cfg), cfg.img_size, cfg.pred, num_classes=net.num_classes,
-                               null_label=net.num_classes if net.num_classes else None, class_names=class_names,
+                               null_label=net.num_classes if net.num_classes else None,
+                               class_names=class_names,
                                defaults=dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
                                              guidance=cfg.sample_guidance, clip=cfg.sample_clip))
 
@@ -372,15 +375,16 @@ def num_params(module: nn.Module) -> int:
 
 def train_step(net: UNet, opt: torch.optim.Optimizer, x: torch.Tensor, y, cfg: DDPMConfig, step: int,
                generator: torch.Generator, table: torch.Tensor, ddp_net: Optional[nn.Module] = None) -> dict:
-    """One optimizer step: warm-up lr -> L_simple -> backward -> clip -> Adam. table: the alpha-bar table on the
-    device (common.device_table). Returns metrics."""
+    """One optimizer step: warm-up lr -> L_simple -> backward -> clip -> Adam. table: the alpha-bar table on
+    the device (common.device_table). Returns metrics."""
     # Official code: lr = 2e-4 * min(step / 5000, 1) with the step count *before* the update (first lr is 0).
     lr = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
     for g in opt.param_groups:
         g["lr"] = lr
     with common.autocast(x.device, cfg.bf16):
         mse, _, _, _ = common.diffusion_loss(ddp_net or net, x, table, y, null_label=net.num_classes,
-                                             label_dropout=cfg.label_dropout, pred=cfg.pred, generator=generator)
+                                             label_dropout=cfg.label_dropout, pred=cfg.pred,
+                                             generator=generator)
     loss = mse.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -431,7 +435,7 @@ def load_state_dict_file(path) -> dict:
 
 def convert_diffusers(sd: dict) -> dict:
     """diffusers UNet2DModel state dict -> UNet state dict. All names agree except the attention projections:
-    to_q/to_k/to_v (older uploads: query/key/value) stack into `qkv`; to_out.0 (older: proj_attn) is `proj_out`."""
+    to_q/to_k/to_v (older: query/key/value) stack into `qkv`; to_out.0 (older: proj_attn) is `proj_out`."""
     rename = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
     sd = dict(sd)
     for k in list(sd):
@@ -444,7 +448,8 @@ def convert_diffusers(sd: dict) -> dict:
     for k, v in sd.items():
         if ".to_q." in k:
             base, param = k.split(".to_q.")
-            out[f"{base}.qkv.{param}"] = torch.cat([v, sd[f"{base}.to_k.{param}"], sd[f"{base}.to_v.{param}"]], 0)
+            out[f"{base}.qkv.{param}"] = torch.cat([v, sd[f"{base}.to_k.{param}"],
+                                                    sd[f"{base}.to_v.{param}"]], 0)
         elif ".to_k." in k or ".to_v." in k:
             continue
         else:
@@ -487,7 +492,7 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     common.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     net = build_model(cfg, data.num_classes).to(device)
     ema = common.make_ema(net)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **common.fused_adam(device))  # betas, eps: TF1 defaults
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **common.fused_adam(device))  # betas, eps as in TF1
     if run.ckpt is not None:
         net.load_state_dict(run.ckpt["model"])
         ema.load_state_dict(run.ckpt["ema"])
@@ -495,8 +500,8 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
     common.maybe_compile(net, cfg.compile)  # in place: state_dict names are unchanged
     ddp_net = common.wrap_ddp(net, dist)
     if dist.is_main:
-        print(f"DDPM U-Net: {num_params(net):,} parameters (all trainable) | {cfg.dataset}: {len(data.images)} "
-              f"images | device {device} x {dist.world_size} | run {run.dir}")
+        print(f"DDPM U-Net: {num_params(net):,} parameters (all trainable) | {cfg.dataset}: "
+              f"{len(data.images)} images | device {device} x {dist.world_size} | run {run.dir}")
         print("config:", json.dumps(dataclasses.asdict(cfg)))
 
     def state(step):
@@ -526,7 +531,8 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
 def base_config(known) -> DDPMConfig:
     """The defaults of the train flags: the --preset's, or with --resume the run's own saved config."""
     if known.resume:
-        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume), kind="ddpm"))
+        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume),
+                                                             kind="ddpm"))
     if (known.preset or "cifar10") not in PRESETS:
         raise ValueError(f"--preset {known.preset!r}: use one of {', '.join(PRESETS)}")
     return PRESETS[known.preset or "cifar10"]
@@ -552,8 +558,8 @@ def load_for_sampling(args):
     return model, common.run_folder(args.ckpt), ckpt["step"], cfg.dataset
 
 
-COMMANDS = common.diffusion_commands("ddpm.py", "a DDPM", lambda argv: train(*parse_train_args(argv)), SOURCES,
-                                     load_for_sampling)
+COMMANDS = common.diffusion_commands("ddpm.py", "a DDPM", lambda argv: train(*parse_train_args(argv)),
+                                     SOURCES, load_for_sampling)
 
 
 def main(argv=None) -> None:

@@ -19,20 +19,20 @@ Defaults: the CIFAR-10 model of this project (DiT-S/4 width and heads at half de
 Usage:
     python dit.py --dataset cifar10                                 # train (class-conditional; GPU: --bf16)
     torchrun --nproc_per_node 8 dit.py --dataset cifar10 --bf16     # the same on 8 GPUs (global batch 128)
-    python dit.py --preset tiny                                     # CPU demo on `shapes` (3000 small steps; minutes)
+    python dit.py --preset tiny                                     # CPU demo, `shapes` (3000 steps; minutes)
     python dit.py --preset tiny --steps 20                          # CPU smoke run: well under a minute
     python dit.py --model DiT-B/4 --adaln adaln-single --learn-sigma --dataset folder:~/pics
     python dit.py --resume runs/dit-shapes-... --steps 6000         # continue a run exactly, train longer
-    python dit.py sample --ckpt runs/dit-shapes-...                 # a grid with the run's own sampler settings
+    python dit.py sample --ckpt runs/dit-shapes-...                 # a grid with the run's sampler settings
     python dit.py sample --ckpt RUN --class plus --n 16 --guidance 2 --out plus.png
-    python dit.py sample --ckpt RUN --sampler ddpm --steps 250 --npz 50000   # uint8 NHWC for the ADM FID evaluator
-    python dit.py evaluate --ckpt RUN --n 1000                      # shapes FD / class accuracy / precision / recall
-    python dit.py --help                                            # the commands; `dit.py sample --help`: its flags
+    python dit.py sample --ckpt RUN --sampler ddpm --steps 250 --npz 50000  # uint8 NHWC for ADM FID evaluator
+    python dit.py evaluate --ckpt RUN --n 1000                      # shapes FD, accuracy, precision, recall
+    python dit.py --help                                            # commands; `dit.py sample --help`: flags
 Python:
     import common, dit
     cfg = dit.get_dit_config(DATASET="CIFAR10", BATCH=128, EPOCHS=100, IMG_SIZE=32, WIDTH=384, DEPTH=6)
-    model = dit.build_model(cfg, num_classes=10)        # a DiT; dit.DiT takes the official constructor arguments
-    print(dit.num_params(model), dit.num_params(model, trainable=True))   # 16,568,112 / 16,543,536 (fixed pos_embed)
+    model = dit.build_model(cfg, num_classes=10)        # a DiT; dit.DiT takes the official constructor args
+    print(dit.num_params(model), dit.num_params(model, trainable=True))  # 16,568,112 / 16,543,536 (fixed pos)
     images, labels, nfe = common.sample_images(dit.diffusion_net(model, cfg), 16, steps=5)   # (16, 3, 32, 32)
     # model, cfg, ckpt = dit.load("runs/dit-shapes-...")            # a trained run, with its EMA weights
 """
@@ -65,17 +65,20 @@ ADALN_VARIANTS = ("adaln-zero", "adaln", "adaln-single", "adaln-diagonal")
 
 @dataclass
 class DiTConfig(common.RunConfig):
-    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with ddpm.py); the defaults
-    are the official recipe (AdamW 1e-4, no weight decay, constant lr, EMA 0.9999, eps-MSE on the linear schedule)."""
+    """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with ddpm.py); the
+    defaults are the official recipe (AdamW 1e-4, no weight decay, constant lr, EMA 0.9999, eps-MSE on the
+    linear schedule)."""
     # model (named sizes: --model DiT-S/4 fills patch, width, depth, heads)
-    model: Optional[str] = field(default=None, metadata={"help": "named size DiT-{S,B,L,XL}/{2,4,8}, or none"})
+    model: Optional[str] = field(default=None, metadata={"help": "named size DiT-{S,B,L,XL}/{2,4,8}, "
+                                                                 "or none"})
     patch: int = field(default=4, metadata={"help": "patch side p: (img_size/p)^2 tokens"})
     width: int = field(default=384, metadata={"help": "hidden size D; divisible by --heads and by 4"})
     depth: int = field(default=6, metadata={"help": "number of DiT blocks"})
     heads: int = field(default=6, metadata={"help": "attention heads"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden size / width"})
     adaln: str = field(default="adaln-zero", metadata={"help": "conditioning: " + " | ".join(ADALN_VARIANTS)})
-    learn_sigma: bool = field(default=False, metadata={"help": "also predict the variance (improved-DDPM L_vlb)"})
+    learn_sigma: bool = field(default=False, metadata={"help": "also predict the variance "
+                                                               "(improved-DDPM L_vlb)"})
     uncond: bool = field(default=False, metadata={"help": "ignore labels (unconditional model)"})
     # optimisation
     epochs: int = field(default=100, metadata={"help": "passes over the dataset (when --steps is 0)"})
@@ -92,12 +95,12 @@ DIT_MODELS = {f"{name}/{p}": dict(depth=d, width=w, heads=h, patch=p)
 PRESETS = {
     # The CIFAR-10 default of this project: exactly the dataclass defaults.
     "cifar10": {},
-    # CPU demo on `shapes` (`make demo`), ~3 min on 2 cores: 16 px with patch 2 (64 tokens of 12 values each; at
-    # 32 px / patch 4 the same budget gave speckled blobs), many small steps (a pixel DiT needs thousands of updates;
-    # lr 2e-3 diverged); the grid uses the paper's sample-figure guidance scale s = 4, i.e. w = s - 1 = 3 here.
-    "tiny": dict(dataset="shapes", img_size=16, patch=2, width=96, depth=3, heads=4, batch_size=16, steps=3000,
-                 lr=1e-3, ema_decay=0.995, log_every=250, ckpt_every=1000, sample_every=0, sample_n=80,
-                 sample_steps=50, sample_guidance=3.0),
+    # CPU demo on `shapes` (`make demo`), ~3 min on 2 cores: 16 px, patch 2 (64 tokens of 12 values each; at
+    # 32 px / patch 4 the same budget gave speckled blobs), many small steps (a pixel DiT needs thousands of
+    # updates; lr 2e-3 diverged); the grid uses the paper's sample-figure guidance s = 4, i.e. w = s - 1 = 3.
+    "tiny": dict(dataset="shapes", img_size=16, patch=2, width=96, depth=3, heads=4, batch_size=16,
+                 steps=3000, lr=1e-3, ema_decay=0.995, log_every=250, ckpt_every=1000, sample_every=0,
+                 sample_n=80, sample_steps=50, sample_guidance=3.0),
 }
 
 # Fields that define the network and the diffusion: a checkpoint fits only a config that agrees on them.
@@ -138,22 +141,22 @@ def check_config(cfg: DiTConfig) -> None:
 
 
 def get_dit_config(**overrides) -> DiTConfig:
-    """DiTConfig from keyword fields, e.g. get_dit_config(dataset="cifar10", width=384, depth=6); the upper-case
-    names of older versions work too (DATASET="CIFAR10", BATCH=128, IMG_SIZE=32, WIDTH=384, ...).
-    Order: dataclass defaults <- preset's values <- model's sizes <- the given keywords; then checked. epochs given
-    without steps decide the length. Unknown keys and contradictions raise ValueError."""
+    """DiTConfig from keyword fields, e.g. get_dit_config(dataset="cifar10", width=384, depth=6); the
+    upper-case names of older versions work too (DATASET="CIFAR10", BATCH=128, IMG_SIZE=32, WIDTH=384, ...).
+    Order: dataclass defaults <- preset's values <- model's sizes <- the given keywords; then checked. epochs
+    given without steps decide the length. Unknown keys and contradictions raise ValueError."""
     names = [f.name for f in dataclasses.fields(DiTConfig)]
     overrides = {OLD_NAMES.get(k, k.lower() if k.isupper() else k): v for k, v in overrides.items()}
     for key in overrides:
         if key not in names:
             hint = difflib.get_close_matches(key.lower(), names, n=1)
-            raise ValueError(f"get_dit_config: unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint
-                                                                           else f"; fields: {', '.join(names)}"))
+            raise ValueError(f"get_dit_config: unknown field {key!r}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields: {', '.join(names)}"))
     preset = overrides.get("preset", "cifar10")
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
     model = overrides.get("model", PRESETS[preset].get("model"))
-    sizes = DIT_MODELS.get(model, {}) if model is not None else {}  # from the name unless given (then checked)
+    sizes = DIT_MODELS.get(model, {}) if model is not None else {}  # from the name unless given (checked)
     values = {**PRESETS[preset], **sizes, **overrides}
     if "epochs" in overrides and "steps" not in overrides:
         values["steps"] = 0
@@ -198,7 +201,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        # contiguous: the residual stream keeps this layout, and a transposed one costs a copy in every LayerNorm
+        # contiguous: the residual stream keeps this layout; a transposed one costs a copy in every LayerNorm
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
@@ -238,11 +241,11 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        # q, k, v are strided views of the qkv output (no copies); SDPA reads them as they are. Unbinding dim 2
-        # (not a permuted dim 0, as timm) lets backward stack dq, dk, dv straight into qkv's layout: one copy less.
+        # q, k, v are strided views of the qkv output (no copies); SDPA reads them as is. Unbinding dim 2
+        # (not a permuted dim 0, as timm) lets backward stack dq, dk, dv into qkv's layout: one copy less.
         q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).unbind(2)   # (N, T, H, hd) each
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, T, hd)
-        return self.proj(o.transpose(1, 2).reshape(N, T, D))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(o.transpose(1, 2).reshape(N, T, D))  # o: (N, H, T, hd)
 
 
 class Mlp(nn.Module):
@@ -335,18 +338,19 @@ class DiT(nn.Module):
     """Diffusion Transformer. forward(x, t, y) -> (N, C_out, H, W), C_out = 2C with learn_sigma
     ([eps | v] channel order, as official). num_classes = 0: unconditional (y ignored)."""
 
-    def __init__(self, input_size: int = 32, patch_size: int = 4, in_channels: int = 3, hidden_size: int = 384,
-                 depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 10, learn_sigma: bool = False, adaln: str = "adaln-zero"):
+    def __init__(self, input_size: int = 32, patch_size: int = 4, in_channels: int = 3,
+                 hidden_size: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
+                 class_dropout_prob: float = 0.1, num_classes: int = 10, learn_sigma: bool = False,
+                 adaln: str = "adaln-zero"):
         super().__init__()
         if not isinstance(input_size, int):
-            raise TypeError("DiT takes the official constructor arguments (input_size, patch_size, ...); build the "
-                            "model of a config with dit.build_model(cfg, num_classes)")
+            raise TypeError("DiT takes the official constructor arguments (input_size, patch_size, ...); "
+                            "build the model of a config with dit.build_model(cfg, num_classes)")
         if adaln not in ADALN_VARIANTS:
             raise ValueError(f"--adaln {adaln!r}: use one of {', '.join(ADALN_VARIANTS)}")
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
-            raise ValueError(f"need input_size % patch_size == 0 and hidden_size divisible by num_heads and 4, got "
-                             f"{input_size}, {patch_size}, {hidden_size}, {num_heads}")
+            raise ValueError(f"need input_size % patch_size == 0 and hidden_size divisible by num_heads "
+                             f"and 4, got {input_size}, {patch_size}, {hidden_size}, {num_heads}")
         self.in_channels, self.patch, self.adaln = in_channels, patch_size, adaln
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes, self.grid = num_classes, input_size // patch_size
@@ -357,14 +361,17 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
         if adaln == "adaln-single":  # one Linear regresses all blocks' modulations (PixArt `t_block`)
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, adaln) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, single=adaln == "adaln-single")
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, adaln)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
+                                      single=adaln == "adaln-single")
         self.initialize_weights()
 
     @property
     def null_class(self) -> Optional[int]:
         """Index of the null label (for CFG), or None when the model has no null row."""
-        has_null = self.y_embedder is not None and self.y_embedder.embedding_table.num_embeddings > self.num_classes
+        has_null = (self.y_embedder is not None
+                    and self.y_embedder.embedding_table.num_embeddings > self.num_classes)
         return self.num_classes if has_null else None
 
     def initialize_weights(self):
@@ -388,7 +395,7 @@ class DiT(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        if self.adaln == "adaln-single":  # PixArt: shared Linear N(0, 0.02^2); tables randn/sqrt(D) (at construction)
+        if self.adaln == "adaln-single":  # PixArt: t_block N(0, 0.02^2); tables randn/sqrt(D) in __init__
             nn.init.normal_(self.t_block[1].weight, std=0.02)
         else:
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
@@ -420,7 +427,7 @@ class DiT(nn.Module):
 
 
 def build_model(cfg: DiTConfig, num_classes: int, in_channels: int = 3) -> DiT:
-    """The DiT of a config (the documented way to build one); num_classes = 0 (or cfg.uncond): unconditional."""
+    """The DiT of a config (the documented way to build one); num_classes = 0 or cfg.uncond: unconditional."""
     return DiT(cfg.img_size, cfg.patch, in_channels, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
                cfg.label_dropout, 0 if cfg.uncond else num_classes, cfg.learn_sigma, cfg.adaln)
 
@@ -430,7 +437,7 @@ def num_params(module: nn.Module, trainable: bool = False) -> int:
 
 
 def param_table(cfg: DiTConfig, num_classes: int) -> str:
-    """Parameter counts of all four conditioning variants at this size (built on the meta device: no memory)."""
+    """Parameter counts of all four conditioning variants at this size (on the meta device: no memory)."""
     rows = []
     with torch.device("meta"):
         for v in ADALN_VARIANTS:
@@ -446,7 +453,8 @@ def param_table(cfg: DiTConfig, num_classes: int) -> str:
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -468,8 +476,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 class Diffusion:
-    """The posterior tables of the improved-DDPM variational bound, in float64 (gathered per sample, then cast, as
-    the official code), for a schedule's alpha-bar table: q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, beta~_t)."""
+    """The posterior tables of the improved-DDPM variational bound, in float64 (gathered per sample, then
+    cast, as official), for an alpha-bar table: q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, beta~_t)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, device="cpu"):
         abar = alphas_cumprod.to(torch.float64).cpu()
@@ -480,37 +488,39 @@ class Diffusion:
         # log beta_tilde with the t=0 entry (which is 0) replaced by t=1's ("clipped", as ADM)
         self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).to(device)
         self.log_betas = betas.log().to(device)
-        self.post_c0 = (betas * abar_prev.sqrt() / (1.0 - abar)).to(device)              # coefficient of x_0
-        self.post_ct = ((1.0 - abar_prev) * (1.0 - betas).sqrt() / (1.0 - abar)).to(device)  # coefficient of x_t
+        self.post_c0 = (betas * abar_prev.sqrt() / (1.0 - abar)).to(device)                  # coeff. of x_0
+        self.post_ct = ((1.0 - abar_prev) * (1.0 - betas).sqrt() / (1.0 - abar)).to(device)  # coeff. of x_t
 
     @staticmethod
     def _at(table, t, like):
         return table[t].to(like.dtype)[:, None, None, None]
 
     def vlb_terms(self, x0, x_t, t, x0_hat, v):
-        """Per-sample L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t = 0, where
-        p has mean c0 x0_hat + ct x_t and variance exp(frac log beta_t + (1 - frac) log beta~_t), frac = (v+1)/2."""
+        """Per-sample L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t = 0,
+        where p has mean c0 x0_hat + ct x_t and variance exp(frac log beta_t + (1 - frac) log beta~_t),
+        frac = (v+1)/2."""
         frac = (v + 1) / 2
         logvar = frac * self._at(self.log_betas, t, x0) + (1 - frac) * self._at(self.post_logvar, t, x0)
         mean = self._at(self.post_c0, t, x0) * x0_hat + self._at(self.post_ct, t, x0) * x_t
         true_mean = self._at(self.post_c0, t, x0) * x0 + self._at(self.post_ct, t, x0) * x_t
-        kl = normal_kl(true_mean, self._at(self.post_logvar, t, x0), mean, logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
+        kl = (normal_kl(true_mean, self._at(self.post_logvar, t, x0), mean, logvar).mean(dim=(1, 2, 3))
+              / math.log(2.0))
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def loss(self, net, x0, y=None, null_label: Optional[int] = None, label_dropout: float = 0.0,
              learn_sigma: bool = False, pred: str = "eps", generator: Optional[torch.Generator] = None):
-        """DiT training loss: the mean over the batch of common.diffusion_loss's MSE, plus L_vlb with --learn-sigma,
-        where only the variance output gets the L_vlb gradient (the mean prediction detached, as official;
-        L_vlb = E_t[L_t], i.e. IDDPM's L_hybrid with lambda = 1/T). Returns (loss, metrics)."""
+        """DiT training loss: the mean over the batch of common.diffusion_loss's MSE, plus L_vlb with
+        --learn-sigma, where only the variance output gets the L_vlb gradient (the mean prediction detached,
+        as official; L_vlb = E_t[L_t], i.e. IDDPM's L_hybrid with lambda = 1/T). Returns (loss, metrics)."""
         mse, out, x_t, t = common.diffusion_loss(net, x0, self.alphas_cumprod, y, null_label=null_label,
                                                  label_dropout=label_dropout, pred=pred, generator=generator)
         metrics = {"mse": mse.mean().detach()}
         if not learn_sigma:
             return mse.mean(), metrics
         C = x0.shape[1]
-        x0_hat, _ = common.pred_to_x0_eps(out[:, :C].detach(), x_t, self.alphas_cumprod[t.to(self.alphas_cumprod.device)],
-                                          pred)
+        x0_hat, _ = common.pred_to_x0_eps(out[:, :C].detach(), x_t,
+                                          self.alphas_cumprod[t.to(self.alphas_cumprod.device)], pred)
         vb = self.vlb_terms(x0, x_t, t, x0_hat, out[:, C:])
         metrics["vb"] = vb.mean().detach()
         return (mse + vb).mean(), metrics
@@ -530,8 +540,8 @@ def diffusion_net(model: DiT, cfg: DiTConfig, class_names=None) -> common.Diffus
     """The DiT as the samplers see it, with the run's grid settings as its sampling defaults."""
     return common.DiffusionNet(model, alphas_cumprod(cfg), cfg.img_size, cfg.pred, model.out_channels > 3,
                                model.num_classes, model.null_class, class_names,
-                               dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
-                                    clip=cfg.sample_clip))
+                               dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                    guidance=cfg.sample_guidance, clip=cfg.sample_clip))
 
 
 def config_from_checkpoint(ckpt: dict) -> DiTConfig:
@@ -548,8 +558,8 @@ def train_step(model: DiT, opt: torch.optim.Optimizer, diffusion: Diffusion, x, 
                generator: Optional[torch.Generator] = None, net: Optional[nn.Module] = None) -> dict:
     """One optimizer step (loss -> backward -> AdamW); `net` is the DDP/compiled wrapper when there is one."""
     with common.autocast(x.device, cfg.bf16):
-        loss, metrics = diffusion.loss(net or model, x, y, model.null_class, cfg.label_dropout, cfg.learn_sigma,
-                                       cfg.pred, generator)
+        loss, metrics = diffusion.loss(net or model, x, y, model.null_class, cfg.label_dropout,
+                                       cfg.learn_sigma, cfg.pred, generator)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -577,10 +587,10 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
         opt.load_state_dict(run.ckpt["opt"])
     net = common.wrap_ddp(common.maybe_compile(model, cfg.compile), dist)
     if dist.is_main:
-        print(f"DiT ({cfg.model or 'custom'}: D={cfg.width}, depth {cfg.depth}, {cfg.heads} heads, patch {cfg.patch}, "
-              f"{cfg.adaln}): {num_params(model):,} parameters ({num_params(model, True):,} trainable) | "
-              f"{cfg.dataset}: {len(data.images)} images, {num_classes or 'no'} classes | {total} steps | "
-              f"device {device} x {dist.world_size} | run {run.dir}")
+        print(f"DiT ({cfg.model or 'custom'}: D={cfg.width}, depth {cfg.depth}, {cfg.heads} heads, patch "
+              f"{cfg.patch}, {cfg.adaln}): {num_params(model):,} parameters ({num_params(model, True):,} "
+              f"trainable) | {cfg.dataset}: {len(data.images)} images, {num_classes or 'no'} classes | "
+              f"{total} steps | device {device} x {dist.world_size} | run {run.dir}")
         print(param_table(cfg, num_classes))
         print("config:", json.dumps(dataclasses.asdict(cfg)))
 
@@ -595,8 +605,8 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
         x, y = common.get_batch(data, step, per_rank, cfg.seed, flip=cfg.flip, rank=dist.rank,
                                 world_size=dist.world_size)
         x, y = x.to(device), (y.to(device) if num_classes else None)
-        metrics = train_step(model, opt, diffusion, x, y, cfg, common.step_generator(cfg.seed, step, dist.rank, device),
-                             net)
+        metrics = train_step(model, opt, diffusion, x, y, cfg,
+                             common.step_generator(cfg.seed, step, dist.rank, device), net)
         common.ema_update(ema, model, cfg.ema_decay)
         run.after_step(step + 1, metrics, state, lambda: diffusion_net(ema, cfg, state(0)["class_names"]))
     common.cleanup_ddp()
@@ -609,9 +619,10 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
 
 
 def base_config(known) -> DiTConfig:
-    """The defaults of the train flags: the --preset's and --model's, or with --resume the run's saved config."""
+    """The defaults of the train flags: the --preset's and --model's, or with --resume the run's config."""
     if known.resume:
-        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume), kind="dit"))
+        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume),
+                                                             kind="dit"))
     return get_dit_config(preset=known.preset or "cifar10", **({"model": known.model} if known.model else {}))
 
 
