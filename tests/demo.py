@@ -52,6 +52,33 @@ def run_lane(steps, env, logs, done, failed, lock):
             done.append((title, newest_run(prefix, t0), time.time() - t0))
 
 
+def write_pictures(done):
+    """runs/demo/: the pictures of the README (docs/ holds the committed copies): each model's final grid, its
+    curves, and a few frames of the dream (real | dream)."""
+    from PIL import Image
+    out = os.path.join(ROOT, "runs", "demo")
+    os.makedirs(out, exist_ok=True)
+    for _, run, _ in done:
+        if not run:
+            continue
+        kind = "-".join(os.path.basename(run).split("-")[:2])  # e.g. ddpm-shapes, diamond-Breakout
+        grids = sorted(glob.glob(os.path.join(run, "samples_*.png")))
+        if grids:
+            Image.open(grids[-1]).save(os.path.join(out, f"{kind}-samples.png"))
+        if os.path.exists(os.path.join(run, "curves.png")):
+            Image.open(os.path.join(run, "curves.png")).save(os.path.join(out, f"{kind}-curves.png"))
+        if os.path.exists(os.path.join(run, "dream.gif")):
+            gif, frames = Image.open(os.path.join(run, "dream.gif")), []
+            for k in (6, 14, 30, 60):  # 2, 10, 26 and 56 imagined steps after the 4 real context frames
+                gif.seek(min(gif.n_frames - 1, k))
+                frames.append(gif.convert("RGB"))
+            strip = Image.new("RGB", (frames[0].width, sum(f.height for f in frames)), "white")
+            for i, f in enumerate(frames):
+                strip.paste(f, (0, i * f.height))
+            strip.save(os.path.join(out, f"{kind}-dream-frames.png"))
+    return out
+
+
 def main():
     t_start = time.time()
     logs = os.path.join(ROOT, "runs", "demo-logs")
@@ -72,6 +99,7 @@ def main():
         print(f"- {title} ({secs:.0f} s): {os.path.relpath(run, ROOT) if run else '?'}")
         for p in pictures[-3:]:
             print(f"    {os.path.relpath(p, ROOT)}")
+    print(f"pictures for the README: {os.path.relpath(write_pictures(done), ROOT)}/")
     if failed:
         sys.exit(f"demo: {', '.join(failed)} failed; see runs/demo-logs/")
 
