@@ -1667,6 +1667,13 @@ def format_metrics_table(rows: list) -> str:
 SAMPLE_SETTINGS = ("sampler", "steps", "guidance", "clip")  # a run's grid settings: sample's defaults
 
 
+def grid_settings(cfg) -> dict:
+    """What a run's grids are drawn with (its RunConfig's sample_* fields and seed): the sample command's
+    defaults, so `sample --ckpt RUN` redraws the run's last grid."""
+    return dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
+                clip=cfg.sample_clip, n=cfg.sample_n, seed=cfg.seed)
+
+
 def _field(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -2021,7 +2028,8 @@ def sample_parser(prog: str, sources: dict) -> ArgumentParser:
     p.add_argument("--class", dest="cls", default=None,
                    help="draw only this class (a number or a class name)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the sampler's noise")
+    p.add_argument("--seed", type=int, default=None, help="seed of the initial noise and of the sampler's "
+                                                           "noise (default: the run's)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampler call")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     return p
@@ -2063,11 +2071,13 @@ def sample_command(args, load) -> None:
     model, run_dir, _, _ = load(args)
     out = check_image_path(args.out or (run_dir or Path(".")) / "samples.png")
     cls, opts = parse_class(args.cls, model), checked_settings(args, model)
-    print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
-    g = torch.Generator(device=model.device).manual_seed(args.seed)
+    n = args.n if args.n is not None else model.defaults.get("n", 64)
+    seed = args.seed if args.seed is not None else model.defaults.get("seed", 0)
+    print(f"{describe_settings(opts)}, {n} images, seed {seed} (flags over the run's own settings)", flush=True)
+    g = torch.Generator(device=model.device).manual_seed(seed)
     t0, existed = time.time(), out.exists()
-    nfe = save_samples(model, out, args.n, g, cls, batch_size=args.batch_size, **opts)
-    print(f"{args.n} samples, {nfe} network calls, {time.time() - t0:.1f} s -> {out}"
+    nfe = save_samples(model, out, n, g, cls, batch_size=args.batch_size, **opts)
+    print(f"{n} samples, {nfe} network calls, {time.time() - t0:.1f} s -> {out}"
           + (" (replaced the file that was there)" if existed else ""))
     if args.npz:
         x, y, _ = sample_images(model, args.npz, balanced_labels(args.npz, model.num_classes, cls),
@@ -2086,7 +2096,8 @@ def evaluate_command(args, load) -> dict:
     opts = checked_settings(args, model)
     print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
     t0 = time.time()
-    res = evaluate_model(model, args.n, args.seed, args.cache_dir, args.batch_size, **opts)
+    seed = args.seed if args.seed is not None else model.defaults.get("seed", 0)
+    res = evaluate_model(model, args.n, seed, args.cache_dir, args.batch_size, **opts)
     print(format_metrics_table([{"step": step, **opts, "n": args.n, **res}]))
     print(f"({time.time() - t0:.1f} s)")
     if run_dir is not None:
@@ -2100,7 +2111,8 @@ def diffusion_commands(prog: str, what: str, train, sources: dict, load) -> dict
     sources: the flags naming a model (see sample_parser); load: see sample_command."""
     def sample(argv):
         p = sample_parser(f"{prog} sample", sources)
-        p.add_argument("--n", type=int, default=64, help="images in the grid (one block of rows per class)")
+        p.add_argument("--n", type=int, default=None, help="images in the grid, one block of rows per class "
+                                                            "(default: the run's grid size)")
         p.add_argument("--out", default=None, help="grid picture (default: RUN/samples.png)")
         p.add_argument("--npz", type=int, default=0,
                        help="also write N samples as uint8 NHWC arr_0 (ADM layout)")

@@ -365,8 +365,7 @@ def diffusion_net(net: UNet, cfg: DDPMConfig, class_names=None) -> common.Diffus
     return common.DiffusionNet(net, alphas_cumprod(cfg), cfg.img_size, cfg.pred, num_classes=net.num_classes,
                                null_label=net.num_classes if net.num_classes else None,
                                class_names=class_names,
-                               defaults=dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                                             guidance=cfg.sample_guidance, clip=cfg.sample_clip))
+                               defaults=common.grid_settings(cfg))
 
 
 def num_params(module: nn.Module) -> int:

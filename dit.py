@@ -540,8 +540,7 @@ def diffusion_net(model: DiT, cfg: DiTConfig, class_names=None) -> common.Diffus
     """The DiT as the samplers see it, with the run's grid settings as its sampling defaults."""
     return common.DiffusionNet(model, alphas_cumprod(cfg), cfg.img_size, cfg.pred, model.out_channels > 3,
                                model.num_classes, model.null_class, class_names,
-                               dict(sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                                    guidance=cfg.sample_guidance, clip=cfg.sample_clip))
+                               common.grid_settings(cfg))
 
 
 def config_from_checkpoint(ckpt: dict) -> DiTConfig:

@@ -68,6 +68,11 @@ def test_sample_and_evaluate_default_to_the_runs_grid_settings(runs, script):
     out = run(script, "evaluate", "--ckpt", run_dirs[script], "--n", "10", "--steps", "2", "--cache-dir", root,
               cwd=root).stdout
     assert expect.replace(f"{cfg['sample_steps']} steps", "2 steps") in out
+    # with no flags, sample redraws the run's last grid, pixel for pixel (same weights, settings, size and seed)
+    redraw = root / f"{script}-redraw.png"
+    run(script, "sample", "--ckpt", run_dirs[script], "--out", redraw, cwd=root)
+    final = next(run_dirs[script].glob("samples_*.png"))
+    assert np.array_equal(np.asarray(Image.open(redraw)), np.asarray(Image.open(final)))
     # Python draws with the same defaults
     model = (ddpm if script == "ddpm.py" else dit).load(run_dirs[script])[0]
     assert common.settings_of(model) == dict(sampler=cfg["sample_sampler"], steps=cfg["sample_steps"],
@@ -196,7 +201,7 @@ def test_help_shows_defaults_and_outputs_land_in_the_run_folder(runs):
     root, run_dirs = runs
     for script, command in (("ddpm.py", "sample"), ("dit.py", "evaluate")):
         text = run(script, command, "--help", cwd=root).stdout
-        assert "(default: 0)" in text and "(default: auto)" in text  # --seed, --device
+        assert "(default: 256)" in text and "(default: auto)" in text  # --batch-size, --device
     out = run("ddpm.py", "sample", "--ckpt", run_dirs["ddpm.py"], "--n", "2", "--steps", "2", cwd=root).stdout
     assert (run_dirs["ddpm.py"] / "samples.png").exists() and not (root / "samples.png").exists()
     out = run("ddpm.py", "sample", "--ckpt", run_dirs["ddpm.py"], "--n", "2", "--steps", "2", cwd=root).stdout
