@@ -6,6 +6,7 @@ is trained purely on imagined rollouts sampled from it. Networks carry the offic
 parameter names, so its published Atari agents load (`--from-official`).
 
     python diamond.py --preset smoke                        # CPU smoke run of every stage, under a minute
+    python diamond.py --game catch                          # a built-in Catch the loop learns on a CPU
     python diamond.py --game Breakout-v5 --preset tiny      # the whole loop on a few CPU cores
     python diamond.py --game Breakout-v5 --preset large     # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
@@ -21,6 +22,7 @@ against real steps with the random policy's level, and the three losses), redraw
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import math
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -72,7 +75,20 @@ PRESETS: dict[str, dict] = {
                  denoiser_steps_first_epoch=120, rew_end_steps_first_epoch=80,
                  actor_critic_steps_first_epoch=30, denoiser_steps_per_epoch=40, rew_end_steps_per_epoch=30,
                  actor_critic_steps_per_epoch=15, batch_size=8, imagination_batch_size=8, learning_rate=5e-4,
-                 warmup_steps=20, eval_every=2, eval_episodes=8, final_eval_episodes=8, eval_max_steps=1000),
+                 actor_critic_learning_rate=5e-4, warmup_steps=20, eval_every=2, eval_episodes=8,
+                 final_eval_episodes=8, eval_max_steps=1000),
+    # the built-in Catch learnt on one CPU thread in minutes: tiny's nets on 16x16 frames, a 64-wide action
+    # embedding (at 16 the imagined paddle ignored the action), short imagination, more entropy, lr 1e-3
+    "catch": dict(game="catch", obs_size=16, diffusion_channels=[8, 8, 8, 8], diffusion_depths=[1, 1, 1, 1],
+                  diffusion_cond_dim=64, rew_end_channels=[8, 8, 8, 8], rew_end_depths=[1, 1, 1, 1],
+                  rew_end_cond_dim=16, rew_end_lstm_dim=32, actor_critic_channels=[16, 16, 16, 16],
+                  actor_critic_lstm_dim=64, imagination_horizon=8, entropy_weight=0.01, env_steps=5000,
+                  initial_collection_steps=2000, initial_collection_max=2000, env_steps_per_epoch=100,
+                  num_epochs=21, denoiser_steps_first_epoch=600, rew_end_steps_first_epoch=1200,
+                  actor_critic_steps_first_epoch=40, denoiser_steps_per_epoch=20, rew_end_steps_per_epoch=40,
+                  actor_critic_steps_per_epoch=40, learning_rate=1e-3, actor_critic_learning_rate=1e-3,
+                  warmup_steps=20, eval_every=2, eval_episodes=64, final_eval_episodes=200,
+                  eval_max_steps=100),
 }
 # every stage once, with the fewest steps: the header's CPU smoke run
 PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=300,
@@ -97,9 +113,11 @@ def _p(large, help: str):
 class DiamondConfig:
     """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset; keyword arguments
     override it and attributes may be assigned afterwards (a misspelt name raises)."""
-    preset: str = _f("large", "tiny | small | medium | large (the paper's) | smoke (every stage, briefly)")
+    preset: str = _f("large", "tiny | small | medium | large (the paper's) | smoke (every stage, briefly) | "
+                     "catch (the built-in Catch, learnt on a CPU; the default of --game catch)")
     # --- game and run ---
-    game: str = _f("Breakout-v5", "Atari game, with or without the ALE/ prefix")
+    game: Optional[str] = _p("Breakout-v5", "an Atari game (with or without ALE/), catch, or any gymnasium "
+                             "id with discrete actions and image frames ('module:Env-v0' imports module)")
     obs_size: Optional[int] = _p(64, "frames are resized to obs_size x obs_size RGB")
     seed: int = _f(0, "seed of the networks' init and of every random stream of the run")
     device: str = _f("auto", "auto | cpu | cuda | mps")
@@ -120,14 +138,16 @@ class DiamondConfig:
     # --- actor-critic ---
     actor_critic_channels: Optional[list] = _p([32, 32, 64, 64], "encoder channels per level (max-pooled)")
     actor_critic_lstm_dim: Optional[int] = _p(512, "LSTM hidden size")
-    imagination_horizon: int = _f(15, "imagined steps per actor-critic update (official backup_every)")
+    imagination_horizon: Optional[int] = _p(15, "imagined steps per actor-critic update (official "
+                                                "backup_every)")
     imagination_batch_size: Optional[int] = _p(32, "parallel imagined environments")
     discount_factor: float = _f(0.985, "gamma of the lambda-returns")
     lambda_returns: float = _f(0.95, "lambda of the lambda-returns")
-    entropy_weight: float = _f(0.001, "weight of the entropy bonus")
+    entropy_weight: Optional[float] = _p(0.001, "weight of the entropy bonus")
     value_weight: float = _f(1.0, "weight of the value MSE")
     # --- optimisation (AdamW for each of the three models) ---
-    learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of all three models")
+    learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of the denoiser and reward/end model")
+    actor_critic_learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of the actor-critic")
     weight_decay: float = _f(1e-2, "AdamW weight decay of the denoiser and reward/end model")
     actor_critic_weight_decay: float = _f(0.0, "AdamW weight decay of the actor-critic")
     warmup_steps: Optional[int] = _p(100, "linear learning-rate warm-up from 0, per model")
@@ -180,8 +200,8 @@ def check_config(cfg: DiamondConfig) -> None:
                        "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_lstm_dim", "imagination_horizon",
                        "imagination_batch_size", "batch_size", "num_epochs", "env_steps",
                        "env_steps_per_epoch", "eval_every", "eval_episodes", "final_eval_episodes",
-                       "eval_max_steps", "learning_rate", "max_grad_norm_denoiser", "max_grad_norm_rew_end",
-                       "max_grad_norm_actor_critic"),
+                       "eval_max_steps", "learning_rate", "actor_critic_learning_rate",
+                       "max_grad_norm_denoiser", "max_grad_norm_rew_end", "max_grad_norm_actor_critic"),
         non_negative=("seed", "warmup_steps", "initial_collection_steps", "initial_collection_max",
                       "denoiser_steps_first_epoch", "rew_end_steps_first_epoch",
                       "actor_critic_steps_first_epoch", "denoiser_steps_per_epoch", "rew_end_steps_per_epoch",
@@ -202,7 +222,7 @@ def check_config(cfg: DiamondConfig) -> None:
         raise ValueError(f"--sample-weights must be >= 0 with a positive sum, got {text(cfg.sample_weights)}")
     if cfg.diffusion_sampler not in ("euler", "heun"):
         raise ValueError(f"--diffusion-sampler must be euler or heun, got {cfg.diffusion_sampler!r}")
-    resolve_game(cfg.game)  # an unknown game names the closest ones
+    game_id(cfg.game)  # an unknown game names the closest ones
 
 
 def load_run(path) -> tuple[DiamondConfig, dict]:
@@ -240,13 +260,13 @@ def resolve_game(game: str) -> str:
     an unknown game raises a ValueError naming the closest ones."""
     by_name = {i[4:-3].lower(): i for i in ale_game_ids()}  # 'breakout' -> 'ALE/Breakout-v5'
     name = game.split("/")[-1]
-    for suffix in ("-v5", "-v4", "NoFrameskip", "Deterministic"):
+    for suffix in ("-v5", "-v4", "-v0", "NoFrameskip", "Deterministic"):
         name = name[:-len(suffix)] if name.endswith(suffix) else name
     if name.lower() in by_name:
         return by_name[name.lower()]
     close = difflib.get_close_matches(name.lower(), list(by_name), n=5, cutoff=0.5)
-    raise ValueError(f"--game {game!r} is not an Atari game of ale-py; closest: "
-                     f"{', '.join(by_name[c][4:] for c in close) or 'none'} "
+    raise ValueError(f"--game {game!r} is not an Atari game of ale-py nor a registered gymnasium id; "
+                     f"closest: {', '.join(by_name[c][4:] for c in close) or 'none'} "
                      f"(all: python -c \"import diamond; print(diamond.ale_game_ids())\")")
 
 
@@ -298,8 +318,136 @@ class AtariEnv:
         img = Image.fromarray(self.screens[0]).resize((self.obs_size, self.obs_size), Image.BOX)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
+    def snapshot(self):
+        return self.ale.cloneState(), self.screens.copy(), self.lives
+
+    def restore(self, state):
+        self.ale.restoreState(state[0])
+        self.screens[:], self.lives = state[1], state[2]
+
     def close(self):
         self.env.close()
+
+
+# --- any other gymnasium game: its frames resized to obs_size, nothing else ---------------------------
+
+CATCH_ID = "diamond/Catch-v0"  # --game catch
+
+
+def game_id(game: str) -> str:
+    """The gymnasium id of --game: 'catch' -> CATCH_ID; Atari names ('Breakout', 'BreakoutNoFrameskip-v4')
+    -> 'ALE/<Game>-v5'; any other registered id, or 'module:Env-v0' (gymnasium imports module), as it is."""
+    if game.lower() == "catch":
+        return CATCH_ID
+    spec = _import_ale().registry.get(game)
+    return game if ":" in game or (spec and "ale_py" not in str(spec.entry_point)) else resolve_game(game)
+
+
+def make_game(game: str, obs_size: int = 64, sticky_actions: float = 0.0):
+    """An AtariEnv (official preprocessing) for Atari ids, a GymEnv for any other id."""
+    gid = game_id(game)
+    return AtariEnv(gid, obs_size, sticky_actions) if gid.startswith("ALE/") else GymEnv(gid, obs_size)
+
+
+def _is_image(space) -> bool:
+    return (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+            and space.shape[2] == 3)
+
+
+class GymEnv:
+    """A gymnasium env with discrete actions behind AtariEnv's interface: (H, W, 3) uint8 observations, or
+    else the frames of render_mode="rgb_array", area-resized to obs_size. A game that cannot be made, has no
+    image frames or has non-discrete actions raises a one-line ValueError. snapshot()/restore() copy the
+    env."""
+
+    def __init__(self, game: str, obs_size: int = 64):
+        try:
+            self.env = gym.make(game)
+            self.from_render = not _is_image(self.env.observation_space)
+            if self.from_render and "rgb_array" in self.env.metadata.get("render_modes", []):
+                self.env.close()
+                self.env = gym.make(game, render_mode="rgb_array")
+                self.env.reset()
+                self.env.render()  # e.g. a missing pygame fails here, not in the middle of a run
+        except (gym.error.Error, ImportError) as e:
+            raise ValueError(f"--game {game!r} cannot be made by gymnasium: {common.one_line(e)}") from None
+        space, self.obs_size = self.env.action_space, obs_size
+        if not isinstance(space, gym.spaces.Discrete):
+            raise ValueError(f"--game {game!r}: DIAMOND needs discrete actions, the env has {space}")
+        if self.from_render and self.env.render_mode != "rgb_array":
+            raise ValueError(f"--game {game!r}: observations {self.env.observation_space} are not (H, W, 3) "
+                             "uint8 images and the env has no render_mode='rgb_array'")
+        self.num_actions, self.action_start = int(space.n), int(space.start)
+        meanings = getattr(self.env.unwrapped, "get_action_meanings", None)
+        self.action_names = (meanings() if meanings
+                             else [str(a + self.action_start) for a in range(self.num_actions)])
+
+    def _obs(self, obs) -> np.ndarray:
+        frame = np.asarray(self.env.render() if self.from_render else obs, np.uint8)
+        if frame.shape[:2] != (self.obs_size, self.obs_size):
+            frame = np.asarray(Image.fromarray(frame).resize((self.obs_size, self.obs_size), Image.BOX))
+        return frame.transpose(2, 0, 1).copy()
+
+    def reset(self, seed: Optional[int] = None):
+        obs, info = self.env.reset(seed=seed)
+        return self._obs(obs), info
+
+    def step(self, action: int):
+        obs, reward, terminated, truncated, info = self.env.step(int(action) + self.action_start)
+        return self._obs(obs), float(reward), terminated, truncated, dict(info, life_loss=False)
+
+    def snapshot(self):
+        return copy.deepcopy(self.env)
+
+    def restore(self, state):
+        self.env = copy.deepcopy(state)
+
+    def close(self):
+        self.env.close()
+
+
+class Catch(gym.Env):
+    """bsuite's Catch (Osband et al. 2020) in pixels: a ball falls one row per step from a random column of
+    the top row; the paddle (bottom row, starting in the middle) moves NOOP / LEFT / RIGHT; the step on which
+    the ball reaches the bottom row gives +1 if the paddle is under it, else -1, and the next step (the ball
+    gone) ends the episode: unlike bsuite, the outcome is not on the final frame, which DIAMOND's denoiser
+    never trains on (official data pipeline). The paddle can reach any column in time (optimal return +1); a
+    random paddle catches with probability ~1 / columns. Frames: (size, size, 3) uint8, a red ball and a green
+    paddle on black."""
+    metadata = {"render_modes": []}
+
+    def __init__(self, rows: int = 8, columns: int = 8, size: int = 16):
+        assert rows > columns // 2 and size % rows == 0 and size % columns == 0, (rows, columns, size)
+        self.rows, self.columns, self.size = rows, columns, size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(3)
+
+    def get_action_meanings(self) -> list:
+        return ["NOOP", "LEFT", "RIGHT"]
+
+    def reset(self, seed: Optional[int] = None, options=None):
+        super().reset(seed=seed)
+        self.ball_row, self.ball_col = 0, int(self.np_random.integers(self.columns))
+        self.paddle = self.columns // 2
+        return self._frame(), {}
+
+    def step(self, action: int):
+        self.paddle = min(max(self.paddle + (0, -1, 1)[action], 0), self.columns - 1)
+        self.ball_row += 1
+        landed = self.ball_row == self.rows - 1
+        reward = (1.0 if self.ball_col == self.paddle else -1.0) if landed else 0.0
+        return self._frame(), reward, self.ball_row == self.rows, False, {}
+
+    def _frame(self) -> np.ndarray:
+        board = np.zeros((self.rows + 1, self.columns, 3), np.uint8)  # row `rows`: the ball has left
+        board[self.ball_row, self.ball_col, 0] = 255  # red ball
+        board[self.rows - 1, self.paddle, 1] = 255  # green paddle
+        board = board[:self.rows]
+        return np.repeat(np.repeat(board, self.size // self.rows, 0), self.size // self.columns, 1)
+
+
+if CATCH_ID not in gym.registry:  # python diamond.py imports it twice: as __main__ and as diamond
+    gym.register(CATCH_ID, entry_point=Catch)
 
 
 def frames_to_float(frames) -> torch.Tensor:
@@ -318,7 +466,7 @@ class AtariVecEnv:
 
     def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
                  sticky_actions: float = 0.0, seed: int = 0, device="cpu"):
-        self.envs = [AtariEnv(game, obs_size, sticky_actions) for _ in range(num_envs)]
+        self.envs = [make_game(game, obs_size, sticky_actions) for _ in range(num_envs)]
         self.num_envs, self.num_actions = num_envs, self.envs[0].num_actions
         self.done_on_life_loss, self.device = done_on_life_loss, torch.device(device)
         self.rng, self.frames = np.random.default_rng(seed), None  # rng: the seeds of new games
@@ -1295,13 +1443,16 @@ class Trainer:
         self.agent = Agent(cfg, self.num_actions).to(self.device)
         wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay,
                   actor_critic=cfg.actor_critic_weight_decay)
-        self.opt = {n: make_optimizer(getattr(self.agent, n), cfg.learning_rate, wd[n]) for n in MODEL_NAMES}
+        lr = dict(denoiser=cfg.learning_rate, rew_end_model=cfg.learning_rate,
+                  actor_critic=cfg.actor_critic_learning_rate)
+        self.opt = {n: make_optimizer(getattr(self.agent, n), lr[n], wd[n]) for n in MODEL_NAMES}
         self.sched = {n: make_warmup(self.opt[n], cfg.warmup_steps) for n in MODEL_NAMES}
         self.max_grad_norm = dict(denoiser=cfg.max_grad_norm_denoiser,
                                   rew_end_model=cfg.max_grad_norm_rew_end,
                                   actor_critic=cfg.max_grad_norm_actor_critic)
         self.steps = {n: 0 for n in MODEL_NAMES}  # optimiser updates of each model
         self.epoch, self.random_return = 0, None  # the random policy's mean return on the evaluation episodes
+        self.heldout = None  # real transitions of the world-model diagnostics, made at the first evaluation
         self.ckpt_path, self.dataset_dir = self.run_dir / "ckpt.pt", self.run_dir / "dataset"
         self.dataset = ReplayDataset((3, cfg.obs_size, cfg.obs_size))
         if resume:
@@ -1469,6 +1620,13 @@ class Trainer:
                     logs["eval/random_return_mean"] = self.random_return
                 result = self.evaluate(cfg.final_eval_episodes if last else cfg.eval_episodes)
                 logs.update({f"eval/{k}": v for k, v in result.items() if k != "returns"})
+                if self.heldout is None:
+                    self.heldout = collect_heldout(cfg.game, cfg.obs_size, cfg.sticky_actions, HELDOUT_STEPS,
+                                                   cfg.seed + 1)
+                diagnostics = world_model_diagnostics(self.wm_env.sampler, self.agent.rew_end_model,
+                                                      self.heldout, cfg.num_steps_conditioning,
+                                                      cfg.imagination_horizon)
+                logs.update({f"wm/{k}": v for k, v in diagnostics.items()})
                 logs["eval/seconds"] = time.time() - t
             logs["epoch_seconds"] = time.time() - t0
             self.save()  # after a non-finite loss we never get here: the last good checkpoint stays
@@ -1476,6 +1634,8 @@ class Trainer:
             if evaluate:
                 self.save_curves()
             self.log(self.summary(logs))
+            if evaluate:
+                self.log(diagnostics_text(diagnostics))
         return result
 
     def save_curves(self) -> None:
@@ -1497,8 +1657,8 @@ class Trainer:
             s += f" | {short} loss {logs[f'{name}/loss']:.4f}" if f"{name}/loss" in logs else ""
         if "eval/return_mean" in logs:
             hns = logs.get("eval/hns")
-            s += (f" | eval return {logs['eval/return_mean']:.1f} (max {logs['eval/return_max']:.0f}, random "
-                  f"policy {self.random_return:.1f}" + (f", HNS {hns:.3f})" if hns is not None else ")"))
+            s += (f" | eval return {logs['eval/return_mean']:.2f} (max {logs['eval/return_max']:.0f}, random "
+                  f"policy {self.random_return:.2f}" + (f", HNS {hns:.3f})" if hns is not None else ")"))
         return s + f" | {logs['epoch_seconds']:.0f} s"
 
 # =====================================================================================================
@@ -1593,6 +1753,103 @@ def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") 
         print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")
     return dict(r, out=out)
 
+# --- world-model diagnostics on held-out real transitions --------------------------------------------
+
+HELDOUT_STEPS = 2000  # random-policy steps the diagnostics use (Breakout: ~10 rewards, ~60 life losses)
+
+
+def collect_heldout(game: str, obs_size: int, sticky_actions: float, steps: int, seed: int) -> list:
+    """steps transitions of the uniform random policy in a fresh env (never trained on), split into episodes
+    at ends (life losses too, as in training), each a dict: obs (T + 1, C, H, W) uint8 (the final frame last),
+    act, rew, end (T,), and per step another action alt_act (T,) with the frame alt_next (T, C, H, W) it would
+    have given (from an env snapshot): the real difference the action makes."""
+    env, rng = make_game(game, obs_size, sticky_actions), np.random.default_rng(seed)
+    keys = ("act", "rew", "end", "alt_act", "alt_next")
+    episodes, ep = [], dict({k: [] for k in keys}, obs=[env.reset(seed=seed)[0]])
+    for i in range(steps):
+        act, alt = rng.choice(env.num_actions, 2, replace=False)
+        state = env.snapshot()
+        alt_next = env.step(alt)[0]
+        env.restore(state)
+        obs, rew, terminated, truncated, info = env.step(act)
+        for k, v in zip(keys + ("obs",), (act, rew, terminated or info["life_loss"], alt, alt_next, obs)):
+            ep[k].append(v)
+        if ep["end"][-1] or truncated or i == steps - 1:
+            episodes.append({k: np.stack(v) for k, v in ep.items()})
+            ep = dict({k: [] for k in keys}, obs=[env.reset()[0] if terminated or truncated else obs])
+    env.close()
+    return episodes
+
+
+@torch.no_grad()
+def world_model_diagnostics(sampler: DiffusionSampler, rew_end_model: RewardTerminationModel, heldout: list,
+                            K: int, depth: int, n: int = 256, seed: int = 0) -> dict:
+    """Where imagination departs from the real game, on held-out transitions (collect_heldout):
+    action_sensitivity: mean |next frame sampled after the real last action - after another one| (same
+      noise; frames in [-1, 1]) beside action_sensitivity_real, the same between the real next frames: a
+      world model that ignores actions has ~0; action_accuracy: where the real frames differ, the share of
+      samples closer to the real next frame than to the other action's;
+    precision and recall of rewards +1, -1 (sign) and of ends (argmax of the logits along each episode);
+    frame_mae_by_depth: mean |dream - real| in pixel levels (0-255) at depth 1..depth of open-loop dreams
+      from n real K-frame contexts (zero-padded before the episode) with the real actions, while it lasts."""
+    dev, rng, out = next(rew_end_model.parameters()).device, np.random.default_rng(seed), {}
+    pred, true = [], []
+    for ep in heldout:
+        o = frames_to_float(ep["obs"])[None].to(dev)
+        act = torch.as_tensor(ep["act"])[None].to(dev)
+        rew, end, _ = rew_end_model.predict_rew_end(o[:, :-1], act, o[:, 1:])
+        pred.append(torch.stack([rew[0].argmax(-1) - 1, end[0].argmax(-1)], 1).cpu())
+        true.append(torch.as_tensor(np.stack([np.sign(ep["rew"]), ep["end"]], 1)).long())
+    pred, true = torch.cat(pred), torch.cat(true)
+    for name, k, c in (("reward_pos", 0, 1), ("reward_neg", 0, -1), ("end", 1, 1)):
+        p, t = pred[:, k] == c, true[:, k] == c
+        out[f"{name}_precision"] = (p & t).sum().item() / p.sum().item() if p.any() else None
+        out[f"{name}_recall"] = (p & t).sum().item() / t.sum().item() if t.any() else None
+    lengths = np.array([len(ep["act"]) for ep in heldout])
+    picked = rng.choice(len(heldout), n, p=lengths / lengths.sum())
+    starts = [(heldout[e], rng.integers(lengths[e])) for e in picked]
+
+    def window(key, first, stop):  # (n, stop - first, ...): ep[key][t + j], zeros outside the episode
+        at = lambda a, i: a[i] if 0 <= i < len(a) else np.zeros_like(a[0])
+        return np.stack([[at(ep[key], t + j) for j in range(first, stop)] for ep, t in starts])
+
+    frames = window("obs", 1 - K, depth + 1)  # (n, K + depth, C, H, W)
+    act = torch.tensor(window("act", 1 - K, depth))  # (n, K - 1 + depth)
+    alt = torch.cat([act[:, :K - 1], torch.tensor([ep["alt_act"][t] for ep, t in starts])[:, None]], dim=1)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    state, buf, errors = gen.get_state(), frames_to_float(frames[:, :K]).to(dev), []
+    alt_pred = sampler.sample(buf, alt.to(dev), generator=gen)[0].cpu()
+    gen.set_state(state)  # the same noise: only the last action differs
+    mae = lambda a, b: (a - b).abs().mean(dim=(1, 2, 3))
+    for d in range(depth):
+        live = torch.tensor([t + d < len(ep["act"]) for ep, t in starts])
+        x = sampler.sample(buf, act[:, d:d + K].to(dev), generator=gen)[0]
+        buf = torch.cat([buf[:, 1:], x[:, None]], dim=1)
+        x, real = x.cpu(), frames_to_float(frames[:, K + d])
+        if d == 0:
+            real_alt = frames_to_float(np.stack([ep["alt_next"][t] for ep, t in starts]))
+            differ = mae(real, real_alt) > 0
+            closer = (mae(x, real) < mae(x, real_alt))[differ]
+            out.update(action_sensitivity=mae(x, alt_pred).mean().item(),
+                       action_sensitivity_real=mae(real, real_alt).mean().item(),
+                       action_accuracy=closer.float().mean().item() if differ.any() else None)
+        if not live.any():
+            break
+        errors.append(127.5 * (x[live] - real[live]).abs().mean().item())
+    return dict(out, frame_mae_by_depth=errors)
+
+
+def diagnostics_text(d: dict) -> str:
+    f = lambda k: "n/a" if d[k] is None else f"{d[k]:.2f}"
+    return (f"world model on {HELDOUT_STEPS} held-out random-policy steps: action sensitivity "
+            f"{d['action_sensitivity']:.4f} (real frames {d['action_sensitivity_real']:.4f}), "
+            f"action accuracy "
+            f"{f('action_accuracy')}; precision/recall of reward +1 {f('reward_pos_precision')}/"
+            f"{f('reward_pos_recall')}, reward -1 {f('reward_neg_precision')}/{f('reward_neg_recall')}, end "
+            f"{f('end_precision')}/{f('end_recall')}; frame error (0-255) by depth: "
+            + " ".join(f"{e:.1f}" for e in d["frame_mae_by_depth"]))
+
+
 # =====================================================================================================
 # command line
 # =====================================================================================================
@@ -1602,10 +1859,13 @@ def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.Argument
     first), so `--preset small --num-sampling-steps 5` means: small, then that one change; with --resume RUN
     the defaults are the run's own config."""
     pre = common.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="large", choices=list(PRESETS))
+    pre.add_argument("--preset", choices=list(PRESETS))
+    pre.add_argument("--game")
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
-    base = load_run(known.resume)[0] if known.resume else DiamondConfig(preset=known.preset)
+    catch = known.game is not None and known.game.lower() in ("catch", CATCH_ID.lower())
+    preset = known.preset or ("catch" if catch else "large")
+    base = load_run(known.resume)[0] if known.resume else DiamondConfig(preset=preset)
     return common.add_config_args(common.ArgumentParser(description=description), base), base
 
 
@@ -1614,8 +1874,8 @@ def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.Argument
 FIXED_ON_RESUME = ("preset", "game", "obs_size", "num_steps_conditioning", "diffusion_channels",
                    "diffusion_depths", "diffusion_attn_depths", "diffusion_cond_dim", "rew_end_channels",
                    "rew_end_depths", "rew_end_cond_dim", "rew_end_lstm_dim", "actor_critic_channels",
-                   "actor_critic_lstm_dim", "seed", "learning_rate", "weight_decay",
-                   "actor_critic_weight_decay", "warmup_steps")
+                   "actor_critic_lstm_dim", "seed", "learning_rate", "actor_critic_learning_rate",
+                   "weight_decay", "actor_critic_weight_decay", "warmup_steps")
 
 
 def parse_config(argv) -> DiamondConfig:
@@ -1646,7 +1906,9 @@ def train_command(argv) -> dict:
             raise ValueError(f"--resume continues {run_dir} as it was saved: {', '.join(changed)} cannot "
                              f"change (start a new run to change them)")
     else:
-        run_dir = common.make_run_dir("diamond", resolve_game(cfg.game)[4:].split("-")[0])
+        make_game(cfg.game, cfg.obs_size).close()  # a game that cannot be played fails before the run folder
+        name = game_id(cfg.game).split("/")[-1].split(":")[-1].split("-")[0]  # 'ALE/Breakout-v5' -> Breakout
+        run_dir = common.make_run_dir("diamond", name)
     print(f"run folder: {run_dir}\nconfig: {asdict(cfg)}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), world_model_only=args.train_world_model_only,
                       log=lambda s: print(s, flush=True))
@@ -1679,6 +1941,8 @@ def eval_command(argv) -> dict:
     p.add_argument("--epsilon", type=float, default=0.0, help="epsilon-greedy actions (1 = random policy)")
     p.add_argument("--compare-random", action="store_true", help="also play the same episodes at random")
     p.add_argument("--gif", help="save the first episode as an animated GIF (a .gif path)")
+    p.add_argument("--diagnostics", type=int, default=256,
+                   help="held-out start points of the world-model diagnostics (0: none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if not (args.ckpt or args.game):
@@ -1696,7 +1960,7 @@ def eval_command(argv) -> dict:
     check_actions(sd, cfg.game, env.num_actions, trained_on)
     agent = Agent(cfg, env.num_actions)
     load_agent(agent, sd, args.ckpt or args.from_official)
-    ac, frames, t0 = agent.actor_critic.to(device).eval(), [] if gif else None, time.time()
+    ac, frames, t0 = agent.to(device).actor_critic.eval(), [] if gif else None, time.time()
     gen = lambda: torch.Generator().manual_seed(args.seed)
     r = evaluate_policy(ac, env, cfg.eval_max_steps, args.epsilon, gen(), frames)
     r["hns"] = human_normalized_score(cfg.game, r["return_mean"])
@@ -1708,12 +1972,19 @@ def eval_command(argv) -> dict:
     top = sorted(zip(r["action_freq"], names), reverse=True)[:4]
     print("actions: " + ", ".join(f"{name} {freq:.0%}" for freq, name in top)
           + f" (uniform {1 / len(names):.0%})")
-    if gif:
-        write_gif(np.stack(frames), gif, fps=15, what="episode 1")
     if args.compare_random:
         r["random"] = evaluate_policy(ac, make_env(), cfg.eval_max_steps, 1.0, gen())
         print(f"random policy, same episodes: returns {r['random']['returns']}\nmean "
               f"{r['random']['return_mean']:.2f}, max {r['random']['return_max']:.0f}")
+    if args.diagnostics:
+        heldout = collect_heldout(cfg.game, cfg.obs_size, cfg.sticky_actions, HELDOUT_STEPS, args.seed + 1)
+        d = world_model_diagnostics(make_sampler(agent.denoiser, cfg), agent.rew_end_model, heldout,
+                                    cfg.num_steps_conditioning, cfg.imagination_horizon, args.diagnostics,
+                                    args.seed)
+        print(diagnostics_text(d))
+        r.update({f"wm/{k}": v for k, v in d.items()})
+    if gif:
+        write_gif(np.stack(frames), gif, fps=15, what="episode 1")
     return r
 
 

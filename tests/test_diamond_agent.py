@@ -552,7 +552,7 @@ def run_script(*argv, cwd):
 
 @pytest.mark.parametrize("argv, message", [
     (["evl"], "error: unknown command 'evl'; did you mean 'eval'?"),
-    (["--game", "Breakot"], "error: --game 'Breakot' is not an Atari game of ale-py; closest: Breakout"),
+    (["--game", "Breakot"], "error: --game 'Breakot' is not an Atari game of ale-py nor a registered gymnasium id; closest: Breakout"),
     (["eval", "--ckpt", "RUN", "--game", "Pong"],
      "error: this run was trained on Breakout-v5 (4 actions) and Pong has 6: drop --game, or use a "
      "checkpoint trained on Pong"),
@@ -569,7 +569,7 @@ def test_user_errors_are_one_line_before_any_work(breakout_run, tmp_path, argv, 
 def test_misspelt_game_fails_the_config_check():
     cfg = diamond.DiamondConfig(preset="tiny")
     cfg.game = "Breakot"
-    message = "--game 'Breakot' is not an Atari game of ale-py; closest: Breakout"
+    message = "--game 'Breakot' is not an Atari game of ale-py nor a registered gymnasium id; closest: Breakout"
     with pytest.raises(ValueError, match=message):
         diamond.check_config(cfg)
 
