@@ -177,16 +177,14 @@ def bench_diamond():
             **diamond_large_run_estimate(train["train_gflop_s"] * 1e9, sec32)}
 
 
-def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) -> dict:
-    """A full `large` run (the paper's Atari 100k schedule and sizes) from this run's measurements: its analytic
-    FLOPs (forward FLOPs of each network counted at batch 1, training = 3x forward) and an estimated wall time:
-    imagination at the measured seconds per imagined step of 32 envs, every other part at the measured
-    denoiser-training FLOP rate. Env stepping and Python overhead are left out, so it is a lower bound."""
+def diamond_run_flops(preset: str) -> tuple[dict, float]:
+    """Analytic FLOPs of a full run of a preset (its schedule and sizes; forward FLOPs of each network counted at
+    batch 1, training = 3x forward), by part, and the denoiser's forward FLOPs per frame and network call."""
     import diamond
-    cfg = diamond.DiamondConfig("large")
+    cfg = diamond.DiamondConfig(preset)
     agent = diamond.Agent(cfg, num_actions=4).to(DEVICE)
     K, H, B, NB = cfg.num_steps_conditioning, cfg.imagination_horizon, cfg.batch_size, cfg.imagination_batch_size
-    frame = torch.zeros(1, 1, 3, 64, 64, device=DEVICE)
+    frame = torch.zeros(1, 1, 3, cfg.obs_size, cfg.obs_size, device=DEVICE)
     act = torch.zeros(1, K + 1, dtype=torch.long, device=DEVICE)
     with torch.no_grad():
         f_den = forward_flops(lambda: agent.denoiser.loss(frame.expand(1, K + 1, -1, -1, -1), act,
@@ -195,17 +193,36 @@ def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) ->
         f_ac = forward_flops(lambda: agent.actor_critic(frame[:, 0]))
     n = {m: getattr(cfg, f"{m}_steps_first_epoch") + (cfg.num_epochs - 1) * getattr(cfg, f"{m}_steps_per_epoch")
          for m in ("denoiser", "rew_end", "actor_critic")}
-    flop = {"denoiser_training": n["denoiser"] * B * diamond.DENOISER_SEGMENT_EXTRA * 3 * f_den,
+    return {"denoiser_training": n["denoiser"] * B * diamond.DENOISER_SEGMENT_EXTRA * 3 * f_den,
             "rew_end_training": n["rew_end"] * B * (H + K - 1) * 3 * f_rew_end,
             "imagination_next_frames": n["actor_critic"] * NB * H * cfg.num_sampling_steps * f_den,
-            "imagination_rew_end_and_actor_critic": n["actor_critic"] * NB * H * (f_rew_end + 3 * f_ac)}
-    total = sum(flop.values())
-    seconds = (n["actor_critic"] * H * imagined_step_sec * NB / 32
-               + (total - flop["imagination_next_frames"]) / train_flop_s)
-    return {"extra_large_run_pflop": total / 1e15,
-            "extra_large_run_pflop_share": {k: round(v / total, 3) for k, v in flop.items()},
-            "extra_large_run_estimated_hours_here": seconds / 3600,
-            "extra_large_run_paper_3_days_implies_tflop_s": total / (3 * 86400) / 1e12}
+            "imagination_rew_end_and_actor_critic": n["actor_critic"] * NB * H * (f_rew_end + 3 * f_ac)}, f_den
+
+
+PAPER_LARGE_RUN_DAYS = 3  # paper: ~2.9 days per game on one RTX 4090 (quoted in eloialonso/diamond issue #1)
+
+
+def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) -> dict:
+    """Full `large` (the paper's Atari 100k schedule and sizes) and `medium` (one consumer GPU) runs from this
+    run's measurements: analytic FLOPs (diamond_run_flops) and an estimated wall time, imagination's next frames
+    at the FLOP rate of the measured official-size imagined step (32 envs x 3 network calls), every other part at
+    the measured denoiser-training FLOP rate. Env stepping and Python overhead are left out: a lower bound.
+    `medium_hours_at_paper_rate`: medium at the FLOP rate that the paper's ~3 days imply for large."""
+    out = {}
+    for preset in ("large", "medium"):
+        flop, f_den = diamond_run_flops(preset)
+        total = sum(flop.values())
+        if preset == "large":
+            frame_flop_s = 32 * 3 * f_den / imagined_step_sec
+            paper_flop_s = total / (PAPER_LARGE_RUN_DAYS * 86400)
+            out["extra_large_run_paper_3_days_implies_tflop_s"] = paper_flop_s / 1e12
+        seconds = (flop["imagination_next_frames"] / frame_flop_s
+                   + (total - flop["imagination_next_frames"]) / train_flop_s)
+        out.update({f"extra_{preset}_run_pflop": total / 1e15,
+                    f"extra_{preset}_run_pflop_share": {k: round(v / total, 3) for k, v in flop.items()},
+                    f"extra_{preset}_run_estimated_hours_here": seconds / 3600})
+    out["extra_medium_run_hours_at_paper_rate"] = sum(diamond_run_flops("medium")[0].values()) / paper_flop_s / 3600
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
