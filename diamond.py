@@ -411,9 +411,9 @@ class Catch(gym.Env):
     the top row; the paddle (bottom row, starting in the middle) moves NOOP / LEFT / RIGHT; the step on which
     the ball reaches the bottom row gives +1 if the paddle is under it, else -1, and the next step (the ball
     gone) ends the episode: unlike bsuite, the outcome is not on the final frame, which DIAMOND's denoiser
-    never trains on (official data pipeline). The paddle can reach any column in time (optimal return +1); a
-    random paddle catches with probability ~1 / columns. Frames: (size, size, 3) uint8, a red ball and a green
-    paddle on black."""
+    never trains on (official data pipeline). The paddle can reach any column in time (optimal return +1); any
+    policy blind to the ball catches with probability 1 / columns (the ball's column is uniform): the random
+    policy's mean return is 2 / columns - 1. Frames: (size, size, 3) uint8, a red ball and a green paddle."""
     metadata = {"render_modes": []}
 
     def __init__(self, rows: int = 8, columns: int = 8, size: int = 16):
