@@ -7,6 +7,7 @@ parameter names, so its published Atari agents load (`--from-official`).
 
     python diamond.py --preset smoke                        # CPU smoke run of every stage, under a minute
     python diamond.py --game catch                          # a built-in Catch the loop learns on a CPU
+    python diamond.py --preset catch4                       # the same on a 4x4 board, in a few minutes
     python diamond.py --game Breakout-v5 --preset tiny      # the whole loop on a few CPU cores
     python diamond.py --game Breakout-v5 --preset large     # the paper's configuration (Atari 100k, GPU)
     python diamond.py --game Pong --preset small --num-sampling-steps 5
@@ -95,6 +96,13 @@ PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=
                         initial_collection_max=300, denoiser_steps_first_epoch=10,
                         rew_end_steps_first_epoch=10, actor_critic_steps_first_epoch=3, eval_episodes=2,
                         final_eval_episodes=2, eval_max_steps=200)
+# the loop learning a 4x4 Catch in a few CPU minutes (make demo, the learning test): catch's nets, a short
+# schedule, imagination as long as the game
+PRESETS["catch4"] = dict(PRESETS["catch"], game="diamond/Catch4x4-v0", initial_collection_steps=1000,
+                         initial_collection_max=1000, num_epochs=5, denoiser_steps_first_epoch=300,
+                         rew_end_steps_first_epoch=400, actor_critic_steps_first_epoch=100,
+                         rew_end_steps_per_epoch=20, actor_critic_steps_per_epoch=60, imagination_horizon=4,
+                         actor_critic_learning_rate=3e-3, eval_every=5, final_eval_episodes=100)
 
 
 def _f(default, help: str):
@@ -114,7 +122,8 @@ class DiamondConfig:
     """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset; keyword arguments
     override it and attributes may be assigned afterwards (a misspelt name raises)."""
     preset: str = _f("large", "tiny | small | medium | large (the paper's) | smoke (every stage, briefly) | "
-                     "catch (the built-in Catch, learnt on a CPU; the default of --game catch)")
+                     "catch (the built-in Catch, learnt on a CPU; the default of --game catch) | catch4 (a "
+                     "4x4 Catch, learnt in minutes)")
     # --- game and run ---
     game: Optional[str] = _p("Breakout-v5", "an Atari game (with or without ALE/), catch, or any gymnasium "
                              "id with discrete actions and image frames ('module:Env-v0' imports module)")
@@ -448,6 +457,7 @@ class Catch(gym.Env):
 
 if CATCH_ID not in gym.registry:  # python diamond.py imports it twice: as __main__ and as diamond
     gym.register(CATCH_ID, entry_point=Catch)
+    gym.register("diamond/Catch4x4-v0", entry_point=Catch, kwargs=dict(rows=4, columns=4))
 
 
 def frames_to_float(frames) -> torch.Tensor:
@@ -1889,8 +1899,9 @@ def _hns_text(hns: Optional[float]) -> str:
 
 
 def train_command(argv) -> dict:
-    parser, base = config_parser(argv, "Train DIAMOND on a real Atari game: world model, reward/end model, "
-                                       "and an actor-critic trained in imagination.")
+    parser, base = config_parser(argv, "Train DIAMOND on a real game (Atari, catch, or any gymnasium pixel "
+                                       "game): world model, reward/end model, and an actor-critic trained in "
+                                       "imagination.")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder or its ckpt.pt)")
     parser.add_argument("--train-world-model-only", action="store_true",
                         help="train only the denoiser and the reward/end model (on random-policy data)")
@@ -1918,9 +1929,11 @@ def train_command(argv) -> dict:
     t0 = time.time()
     result = trainer.run()
     if result:
+        level = trainer.random_return
+        level = "" if level is None else f", random policy {level:.2f} on the first {cfg.eval_episodes}"
         print(f"final evaluation, {len(result['returns'])} test episodes: mean return "
               f"{result['return_mean']:.2f}, max {result['return_max']:.0f}, "
-              f"HNS {_hns_text(result['hns'])} | {time.time() - t0:.0f} s | {run_dir}")
+              f"HNS {_hns_text(result['hns'])}{level} | {time.time() - t0:.0f} s | {run_dir}")
     if not args.train_world_model_only:
         try:
             dream(run_dir, steps=min(60, cfg.eval_max_steps), seed=cfg.seed, device="cpu")

@@ -3,7 +3,8 @@
 Each step is the same command line a user would type; the demo only strings them together and
 prints where the outputs went. Budget: under 10 minutes on 2 CPU cores. The tiny models are too small
 for a second thread to help much (their small convolutions and matmuls barely scale), so the demo runs
-two lanes side by side, one core each: DDPM in one, DiT then DIAMOND in the other. Each command's
+two lanes side by side, one core each: DDPM then DIAMOND on Catch in one, DiT then DIAMOND on Breakout
+in the other. Each command's
 output goes to runs/demo-logs/; its last lines are printed when it ends.
 """
 import glob
@@ -23,6 +24,8 @@ STEPS = [  # (lane, title, command, run-folder prefix)
      "dit-shapes"),
     (1, "DIAMOND, tiny world model + agent on real Breakout", [PY, "diamond.py", "--game", "Breakout-v5", "--preset", "tiny"],
      "diamond-Breakout"),
+    (0, "DIAMOND learns a 4x4 Catch (policy trained only in imagination)", [PY, "diamond.py", "--preset", "catch4"],
+     "diamond-Catch4x4"),
 ]
 LANES = 2
 
