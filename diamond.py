@@ -1657,7 +1657,7 @@ class Trainer:
         panels = [dict(title=f"evaluation return ({self.cfg.game})", xlabel="real environment steps",
                        series={"agent": ev}, hlines=level)]
         for name, title in zip(MODEL_NAMES, ("denoiser loss", "reward/end loss", "actor-critic loss")):
-            points = [(r[f"{name}/updates"], r[f"{name}/loss"]) for r in rows if f"{name}/updates" in r]
+            points = [(r[f"{name}/updates"], r[f"{name}/loss"]) for r in rows if f"{name}/loss" in r]
             panels.append(dict(title=title, xlabel="updates", series={"mean loss per epoch": points}))
         common.save_curves(self.run_dir / "curves.png", panels)
 
