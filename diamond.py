@@ -97,11 +97,11 @@ PRESETS["smoke"] = dict(PRESETS["tiny"], num_epochs=1, initial_collection_steps=
                         rew_end_steps_first_epoch=10, actor_critic_steps_first_epoch=3, eval_episodes=2,
                         final_eval_episodes=2, eval_max_steps=200)
 # the loop learning a 4x4 Catch in a few CPU minutes (make demo, the learning test): catch's nets, a short
-# schedule, imagination as long as the game
+# schedule, imagination as long as the game, no actor-critic updates before the world model has trained
 PRESETS["catch4"] = dict(PRESETS["catch"], game="diamond/Catch4x4-v0", initial_collection_steps=1000,
                          initial_collection_max=1000, num_epochs=5, denoiser_steps_first_epoch=300,
-                         rew_end_steps_first_epoch=400, actor_critic_steps_first_epoch=100,
-                         rew_end_steps_per_epoch=20, actor_critic_steps_per_epoch=60, imagination_horizon=4,
+                         rew_end_steps_first_epoch=400, actor_critic_steps_first_epoch=0,
+                         rew_end_steps_per_epoch=20, actor_critic_steps_per_epoch=80, imagination_horizon=4,
                          actor_critic_learning_rate=3e-3, eval_every=5, final_eval_episodes=100)
 
 

@@ -227,9 +227,12 @@ def test_diagnostics_on_known_world_models():
 # ---------------------------------------------------------------------------------------------------
 
 # --preset catch4: the catch preset on a 4x4 Catch, cut to 5 epochs (1,400 real steps; 380 denoiser, 480
-# reward/end and 340 actor-critic updates; imagination horizon 4 = the game's length). Measured with one thread,
-# 100 final test games, the random policy on the first 64 of them (its exact level: 2 / 4 - 1 = -0.5):
-# ⟨SEEDS⟩
+# reward/end and 320 actor-critic updates; imagination horizon 4 = the game's length). Measured with one
+# thread, 100 final test games (the random policy on the first 64; its exact level is 2 / 4 - 1 = -0.5):
+# seed 0: 0.98 (random -0.53), seed 1: -0.14 (-0.56), seed 2: 0.98 (-0.47). Another CPU or thread count
+# rounds differently and so follows another trajectory: the bound must hold for the worst seed.
+LEARNT = -0.3  # 0.2 above the exact random level: a loop that learns nothing scores -0.5 +- 0.087 (sd 0.87
+# over 100 games), 2.3 standard errors below it; the worst seed (sd 0.99) is 1.6 standard errors above it
 
 
 def test_the_loop_learns_catch(tmp_path, monkeypatch):
@@ -241,6 +244,5 @@ def test_the_loop_learns_catch(tmp_path, monkeypatch):
     rows = [__import__("json").loads(line) for line in open(run_dir / "metrics.jsonl")]
     random_level = next(r["eval/random_return_mean"] for r in rows if "eval/random_return_mean" in r)
     assert abs(random_level - -0.5) < 0.45  # returns +-1 with p = 1/4: sd 0.87, 4 standard errors of 64
-    # ⟨MARGIN⟩
-    assert result["return_mean"] > 0.0, (result["return_mean"], random_level)
+    assert result["return_mean"] > max(LEARNT, random_level), (result["return_mean"], random_level)
     assert (run_dir / "curves.png").exists()
