@@ -2073,7 +2073,8 @@ def sample_command(args, load) -> None:
     cls, opts = parse_class(args.cls, model), checked_settings(args, model)
     n = args.n if args.n is not None else model.defaults.get("n", 64)
     seed = args.seed if args.seed is not None else model.defaults.get("seed", 0)
-    print(f"{describe_settings(opts)}, {n} images, seed {seed} (flags over the run's own settings)", flush=True)
+    print(f"{describe_settings(opts)}, {n} images, seed {seed} (flags over the run's own settings)",
+          flush=True)
     g = torch.Generator(device=model.device).manual_seed(seed)
     t0, existed = time.time(), out.exists()
     nfe = save_samples(model, out, n, g, cls, batch_size=args.batch_size, **opts)

@@ -102,7 +102,7 @@ PRESETS["catch4"] = dict(PRESETS["catch"], game="diamond/Catch4x4-v0", initial_c
                          initial_collection_max=1000, num_epochs=5, denoiser_steps_first_epoch=300,
                          rew_end_steps_first_epoch=400, actor_critic_steps_first_epoch=0,
                          rew_end_steps_per_epoch=20, actor_critic_steps_per_epoch=80, imagination_horizon=4,
-                         actor_critic_learning_rate=3e-3, eval_every=5, final_eval_episodes=100)
+                         actor_critic_learning_rate=3e-3, eval_every=1, final_eval_episodes=100)
 
 
 def _f(default, help: str):

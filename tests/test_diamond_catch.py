@@ -228,9 +228,10 @@ def test_diagnostics_on_known_world_models():
 
 # --preset catch4: the catch preset on a 4x4 Catch, cut to 5 epochs (1,400 real steps; 380 denoiser, 480
 # reward/end and 320 actor-critic updates; imagination horizon 4 = the game's length). Measured with one
-# thread, 100 final test games (the random policy on the first 64; its exact level is 2 / 4 - 1 = -0.5):
-# seed 0: 0.98 (random -0.53), seed 1: -0.14 (-0.56), seed 2: 0.98 (-0.47). Another CPU or thread count
-# rounds differently and so follows another trajectory: the bound must hold for the worst seed.
+# thread, 100 final test games (the random policy on 64 of the same games; its exact level is 2 / 4 - 1 =
+# -0.5): seed 0: 0.98 (random -0.53), seed 1: -0.14 (-0.56), seed 2: 0.98 (-0.47); evaluating every epoch
+# (the preset's eval_every 1) draws no training randomness: seed 0 gives 0.98 either way. Another CPU or
+# thread count rounds differently and so follows another trajectory: the bound must hold for the worst seed.
 LEARNT = -0.3  # 0.2 above the exact random level: a loop that learns nothing scores -0.5 +- 0.087 (sd 0.87
 # over 100 games), 2.3 standard errors below it; the worst seed (sd 0.99) is 1.6 standard errors above it
 
