@@ -465,14 +465,15 @@ def frames_to_float(frames) -> torch.Tensor:
     return torch.as_tensor(frames).float().div(255).mul(2).sub(1)
 
 
-class AtariVecEnv:
-    """num_envs AtariEnvs stepped in a loop with same-step auto-reset, with the torch interface of
-    AgentEnvLoop: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info); obs (B, 3, S, S) float in
-    [-1, 1], rew raw float32, end/trunc uint8. For the envs that finished, info["final_observation"]
-    (n_dead, 3, S, S) is their last frame and obs is already the next episode's. done_on_life_loss (training):
-    a lost life is an end but the game goes on; at game over the final observation is the game's last frame
-    (the official DoneOnLifeLoss puts the new game's first frame there). info also holds "frames" (B, 3, S, S)
-    uint8, "dead" (B,) bool and "scores", the raw returns of the games that ended (the reported score)."""
+class VecEnv:
+    """num_envs games (make_game: AtariEnv or GymEnv) stepped in a loop with same-step auto-reset, with the
+    torch interface of AgentEnvLoop: reset() -> (obs, info); step(act) -> (obs, rew, end, trunc, info); obs
+    (B, 3, S, S) float in [-1, 1], rew raw float32, end/trunc uint8. For the envs that finished,
+    info["final_observation"] (n_dead, 3, S, S) is their last frame and obs is already the next episode's.
+    done_on_life_loss (training): a lost life is an end but the game goes on; at game over the final
+    observation is the game's last frame (the official DoneOnLifeLoss puts the new game's first frame there).
+    info also holds "frames" (B, 3, S, S) uint8, "dead" (B,) bool and "scores", the raw returns of the games
+    that ended (the reported score)."""
 
     def __init__(self, game: str, num_envs: int = 1, obs_size: int = 64, done_on_life_loss: bool = False,
                  sticky_actions: float = 0.0, seed: int = 0, device="cpu"):
@@ -523,7 +524,7 @@ class Recorder:
     AgentEnvLoop(Recorder(env, dataset), actor_critic, epsilon).rollout(n), so the env keeps running between
     calls; `scores` lists the raw returns of the games that ended."""
 
-    def __init__(self, env: AtariVecEnv, dataset: "ReplayDataset"):
+    def __init__(self, env: VecEnv, dataset: "ReplayDataset"):
         self.env, self.dataset, self.scores = env, dataset, []
         self.episode_ids = [None] * env.num_envs
 
@@ -1205,7 +1206,7 @@ class AgentEnvLoop:
     collection (through a Recorder) and evaluation. The LSTM state persists between `rollout` calls and is
     detached at the start of each, so gradients flow back through one rollout (truncated BPTT). Actions are
     sampled from the logits; with prob. epsilon (one draw per step for all envs, as officially) they are
-    uniform instead. The env (WorldModelEnv, AtariVecEnv) gives reset() -> (obs (B, 3, H, W), info) and
+    uniform instead. The env (WorldModelEnv, VecEnv) gives reset() -> (obs (B, 3, H, W), info) and
     step(act (B,)) -> (next_obs, rew, end, trunc, info) (B,); for finished envs info has "final_observation"
     (n_dead, 3, H, W) and next_obs is already the next episode's first frame; an imagined env also gives
     "burnin_obs" (n_dead, K-1, 3, H, W), the new real context, read into the LSTM."""
@@ -1447,7 +1448,7 @@ class Trainer:
         self.cfg, self.run_dir, self.log, self.world_model_only = cfg, Path(run_dir), log, world_model_only
         self.progress_every, self.device = progress_every, common.pick_device(cfg.device)
         common.seed_everything(cfg.seed)  # the networks' initialisation
-        self.train_env = AtariVecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
+        self.train_env = VecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
                                      sticky_actions=cfg.sticky_actions, device=self.device)
         self.num_actions = self.train_env.num_actions
         self.agent = Agent(cfg, self.num_actions).to(self.device)
@@ -1590,7 +1591,7 @@ class Trainer:
         """Test episodes on the real game (no life-loss ends, actions sampled): raw scores, HNS. The episodes'
         starts are the same at every evaluation (and for the random policy's level)."""
         cfg = self.cfg
-        env = AtariVecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=cfg.seed,
+        env = VecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=cfg.seed,
                           device=self.device)
         self.agent.actor_critic.eval()
         tick = self.progress("eval" if epsilon == 0 else "random policy", cfg.eval_max_steps, "steps")
@@ -1680,7 +1681,7 @@ LABEL_HEIGHT = 14  # a white strip above the frames for PIL's default font
 
 
 @torch.no_grad()
-def dream_rollout(sampler: DiffusionSampler, env: AtariVecEnv, actor_critic: ActorCriticNetwork, steps: int,
+def dream_rollout(sampler: DiffusionSampler, env: VecEnv, actor_critic: ActorCriticNetwork, steps: int,
                   num_steps_conditioning: int = 4, seed: int = 0) -> dict:
     """Play the real game (an env with one game) for K + steps steps with actor_critic (a fresh one plays
     uniformly at random), and let the world model imagine the last `steps` frames from the first K real frames
@@ -1744,7 +1745,7 @@ def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") 
     out = common.run_folder(ckpt) / "dream.gif" if out is None else gif_path(out, "--out")
     cfg, state = load_run(ckpt)
     parts = split_agent_state_dict(state["model"])
-    env = AtariVecEnv(cfg.game, 1, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=seed)
+    env = VecEnv(cfg.game, 1, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=seed)
     check_actions(state["model"], cfg.game, env.num_actions)
     denoiser, _ = build_world_model(cfg, env.num_actions)
     denoiser.load_state_dict(parts["denoiser"], strict=True)
@@ -1967,7 +1968,7 @@ def eval_command(argv) -> dict:
     cfg.game, cfg.eval_max_steps = args.game or cfg.game, args.max_steps or cfg.eval_max_steps
     device = common.pick_device(args.device)
     # the same seed gives the same episodes (no-op starts) for the policy and the random comparison
-    make_env = lambda: AtariVecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
+    make_env = lambda: VecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
                                    seed=args.seed, device=device)
     env = make_env()
     check_actions(sd, cfg.game, env.num_actions, trained_on)

@@ -161,7 +161,7 @@ def bench_diamond():
     with autocast():
         sec32 = timeit(lambda: sampler.sample(obs[:, :K].repeat(4, 1, 1, 1, 1)[:32], act[:, :K].repeat(4, 1)[:32]),
                        min_time=1.0, min_iters=1)
-    env = diamond.AtariVecEnv("Breakout-v5", num_envs=1, obs_size=64, seed=0)
+    env = diamond.VecEnv("Breakout-v5", num_envs=1, obs_size=64, seed=0)
     env.reset()
     rng = np.random.default_rng(0)
     n_env = 300

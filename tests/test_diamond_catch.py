@@ -104,7 +104,7 @@ def user_module(tmp_path, monkeypatch):
 def test_any_gymnasium_pixel_game(user_module):
     game = "blinkgames:blinkgames/Blink-v0"  # gymnasium imports the module, which registers the env
     assert diamond.game_id(game) == game and diamond.game_id("catch") == diamond.CATCH_ID
-    env = diamond.AtariVecEnv(game, num_envs=2, obs_size=8, seed=0)
+    env = diamond.VecEnv(game, num_envs=2, obs_size=8, seed=0)
     obs, _ = env.reset()
     assert obs.shape == (2, 3, 8, 8) and (obs == -1).all()  # 12x12 frames area-resized to 8x8, nothing else
     obs, rew, end, trunc, info = env.step(torch.tensor([1, 0]))

@@ -219,7 +219,7 @@ def test_atari_preprocessing_frame_skip_max_pool_noops():
 
 def test_life_loss_ends_only_in_training_mode():
     kw = dict(game="Breakout-v5", num_envs=1, obs_size=32, seed=3)
-    train, test = diamond.AtariVecEnv(done_on_life_loss=True, **kw), diamond.AtariVecEnv(**kw)
+    train, test = diamond.VecEnv(done_on_life_loss=True, **kw), diamond.VecEnv(**kw)
     o1, _ = train.reset()
     o2, _ = test.reset()
     assert torch.equal(o1, o2) and o1.shape == (1, 3, 32, 32) and o1.dtype == torch.float32
@@ -292,7 +292,7 @@ def collection(env, ds, seed=0):
 
 
 def test_replay_save_load_round_trip(tmp_path):
-    env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
+    env = diamond.VecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
     ds = diamond.ReplayDataset((3, 32, 32))
     loop = collection(env, ds)
     loop.rollout(60, grad=False)
@@ -329,7 +329,7 @@ def tiny_world_model(num_actions, obs_size=32):
 
 @pytest.fixture(scope="module")
 def breakout_data():
-    env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
+    env = diamond.VecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=0)
     ds = diamond.ReplayDataset((3, 32, 32))
     collection(env, ds).rollout(150, grad=False)
     return ds
@@ -414,7 +414,7 @@ def test_dream_gif_from_checkpoint(tmp_path, capsys):
 
 
 def test_recorder_keeps_every_transition_and_episode_boundary():
-    env = diamond.AtariVecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=1)
+    env = diamond.VecEnv("Breakout-v5", num_envs=2, obs_size=32, done_on_life_loss=True, seed=1)
     ds = diamond.ReplayDataset((3, 32, 32))
     rec = diamond.Recorder(env, ds)
     obs, _ = rec.reset()
