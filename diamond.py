@@ -1686,23 +1686,27 @@ def dream_rollout(sampler: DiffusionSampler, env: VecEnv, actor_critic: ActorCri
     """Play the real game (an env with one game) for K + steps steps with actor_critic (a fresh one plays
     uniformly at random), and let the world model imagine the last `steps` frames from the first K real frames
     with the same actions (open loop: after the start it only sees its own frames). Returns real, dream: uint8
-    (K + steps, C, H, W) (the K context frames are shared) and the per-frame mean absolute error of the
-    imagined frames in pixel levels (0..255). Stops early if the real game ends."""
+    (n, C, H, W) (the `context` first frames are shared) and the per-frame mean absolute error of the imagined
+    frames in pixel levels (0..255). Stops at the end of the real game; in a game shorter than K + steps the
+    dream starts earlier, after 1 to K real frames, its context zero-padded before the game as training
+    segments are."""
     K, device = num_steps_conditioning, next(sampler.denoiser.parameters()).device
     loop = AgentEnvLoop(env, actor_critic, generator=torch.Generator().manual_seed(seed))
     r = loop.rollout(K + steps, grad=False)
     dead = (r["end"][0] + r["trunc"][0]).nonzero()
     n = K + steps if len(dead) == 0 else int(dead[0]) + 1  # frames after an end belong to another game
     real, acts = common.to_uint8(r["obs"][0, :n]), r["act"][0, :n].to(device)  # real (n, C, H, W)
-    obs_buf = frames_to_float(real[:K]).unsqueeze(0).to(device)  # (1, K, C, H, W)
-    gen, dream = torch.Generator(device=device).manual_seed(seed), list(real[:K])
-    for t in range(K, n):
-        nxt, _ = sampler.sample(obs_buf, acts[t - K:t].unsqueeze(0), generator=gen)  # a_{t-K} .. a_{t-1}
+    s = min(K, max(1, n - steps))  # real frames before the first imagined one
+    obs_buf = torch.cat([torch.zeros(K - s, *real.shape[1:]), frames_to_float(real[:s])])  # (K, C, H, W)
+    obs_buf, acts = obs_buf.unsqueeze(0).to(device), torch.cat([acts.new_zeros(K - s), acts])
+    gen, dream = torch.Generator(device=device).manual_seed(seed), list(real[:s])
+    for t in range(s, n):
+        nxt, _ = sampler.sample(obs_buf, acts[t - s:t - s + K].unsqueeze(0), generator=gen)  # a_{t-K}...
         obs_buf = torch.cat([obs_buf[:, 1:], nxt.unsqueeze(1)], dim=1)
         dream.append(common.to_uint8(nxt)[0].cpu())
     real, dream = real.cpu().numpy(), torch.stack(dream).numpy()
-    err = np.abs(real[K:].astype(np.float32) - dream[K:].astype(np.float32)).mean(axis=(1, 2, 3))
-    return {"real": real, "dream": dream, "frame_mae": err.tolist()}
+    err = np.abs(real[s:].astype(np.float32) - dream[s:].astype(np.float32)).mean(axis=(1, 2, 3))
+    return {"real": real, "dream": dream, "frame_mae": err.tolist(), "context": s}
 
 
 def gif_path(path, flag_name: str) -> Path:
@@ -1756,9 +1760,9 @@ def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") 
     r = dream_rollout(make_sampler(denoiser.to(device).eval(), cfg), env, ac.eval(), steps,
                       cfg.num_steps_conditioning, seed)
     env.close()
-    mae, K = r["frame_mae"], cfg.num_steps_conditioning
+    mae, s = r["frame_mae"], r["context"]
     frames = side_by_side({"real": r["real"], "dream": r["dream"]}, max(1, GIF_PIXELS // cfg.obs_size))
-    write_gif(frames, out, fps=10, what=f"{len(mae)} imagined frames after {K} real ones")
+    write_gif(frames, out, fps=10, what=f"{len(mae)} imagined frames after {s} real one{'s' * (s > 1)}")
     print("per-frame mean abs error (0-255): " + " ".join(f"{e:.1f}" for e in mae))
     if mae:
         print(f"mean {np.mean(mae):.2f}, first 10 {np.mean(mae[:10]):.2f}, last 10 {np.mean(mae[-10:]):.2f}")

@@ -149,6 +149,8 @@ def test_user_game_trains_evaluates_dreams_and_resumes(user_module, tmp_path, mo
     diamond.main(micro_argv(game))
     run_dir = next((tmp_path / "runs").iterdir())
     assert run_dir.name.startswith("diamond-Blink-") and (run_dir / "dream.gif").exists()
+    # a game of 5 steps, shorter than 4 context frames + the dream: the dream starts after its first frame
+    assert "dream.gif: 4 imagined frames after 1 real one, 5 steps" in capsys.readouterr().out
     rows = [__import__("json").loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert rows[-1]["eval/hns"] is None and "wm/action_sensitivity" in rows[-1]
     r = diamond.main(["eval", "--ckpt", str(run_dir / "ckpt.pt"), "--episodes", "2", "--compare-random"])
