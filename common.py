@@ -1833,10 +1833,15 @@ def balanced_labels(n: int, num_classes: int, cls: Optional[int] = None) -> Opti
     return torch.full((n,), cls) if cls is not None else torch.arange(n) * num_classes // n
 
 
+def run_default(model: DiffusionNet, key: str, value, fallback):
+    """A flag's value, or (None) the run's own from model.defaults, or fallback for a model without one."""
+    return value if value is not None else model.defaults.get(key, fallback)
+
+
 def settings_of(model: DiffusionNet, **given) -> dict:
     """The sampler settings to use: each given value, or (None) the run's own from model.defaults.
     Guidance needs the model's null label."""
-    opts = {k: given.get(k) if given.get(k) is not None else model.defaults.get(k) for k in SAMPLE_SETTINGS}
+    opts = {k: run_default(model, k, given.get(k), None) for k in SAMPLE_SETTINGS}
     if opts["guidance"] and model.null_label is None:
         raise ValueError("--guidance needs a class-conditional model trained with label dropout "
                          "(a null label)")
@@ -2071,8 +2076,7 @@ def sample_command(args, load) -> None:
     model, run_dir, _, _ = load(args)
     out = check_image_path(args.out or (run_dir or Path(".")) / "samples.png")
     cls, opts = parse_class(args.cls, model), checked_settings(args, model)
-    n = args.n if args.n is not None else model.defaults.get("n", 64)
-    seed = args.seed if args.seed is not None else model.defaults.get("seed", 0)
+    n, seed = run_default(model, "n", args.n, 64), run_default(model, "seed", args.seed, 0)
     print(f"{describe_settings(opts)}, {n} images, seed {seed} (flags over the run's own settings)",
           flush=True)
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -2097,7 +2101,7 @@ def evaluate_command(args, load) -> dict:
     opts = checked_settings(args, model)
     print(f"{describe_settings(opts)} (flags over the run's own settings)", flush=True)
     t0 = time.time()
-    seed = args.seed if args.seed is not None else model.defaults.get("seed", 0)
+    seed = run_default(model, "seed", args.seed, 0)
     res = evaluate_model(model, args.n, seed, args.cache_dir, args.batch_size, **opts)
     print(format_metrics_table([{"step": step, **opts, "n": args.n, **res}]))
     print(f"({time.time() - t0:.1f} s)")

@@ -1449,7 +1449,7 @@ class Trainer:
         self.progress_every, self.device = progress_every, common.pick_device(cfg.device)
         common.seed_everything(cfg.seed)  # the networks' initialisation
         self.train_env = VecEnv(cfg.game, 1, cfg.obs_size, done_on_life_loss=True,
-                                     sticky_actions=cfg.sticky_actions, device=self.device)
+                                sticky_actions=cfg.sticky_actions, device=self.device)
         self.num_actions = self.train_env.num_actions
         self.agent = Agent(cfg, self.num_actions).to(self.device)
         wd = dict(denoiser=cfg.weight_decay, rew_end_model=cfg.weight_decay,
@@ -1592,7 +1592,7 @@ class Trainer:
         starts are the same at every evaluation (and for the random policy's level)."""
         cfg = self.cfg
         env = VecEnv(cfg.game, episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions, seed=cfg.seed,
-                          device=self.device)
+                     device=self.device)
         self.agent.actor_critic.eval()
         tick = self.progress("eval" if epsilon == 0 else "random policy", cfg.eval_max_steps, "steps")
         r = evaluate_policy(self.agent.actor_critic, env, cfg.eval_max_steps, epsilon,
@@ -1770,7 +1770,7 @@ def dream(ckpt, steps: int = 100, out=None, seed: int = 0, device: str = "cpu") 
 
 # --- world-model diagnostics on held-out real transitions --------------------------------------------
 
-HELDOUT_STEPS = 2000  # random-policy steps the diagnostics use (Breakout: ~10 rewards, ~60 life losses)
+HELDOUT_STEPS = 2000  # random-policy steps the diagnostics use (Breakout, seed 1: 17 points, 50 lost lives)
 
 
 def collect_heldout(game: str, obs_size: int, sticky_actions: float, steps: int, seed: int) -> list:
@@ -1973,7 +1973,7 @@ def eval_command(argv) -> dict:
     device = common.pick_device(args.device)
     # the same seed gives the same episodes (no-op starts) for the policy and the random comparison
     make_env = lambda: VecEnv(cfg.game, args.episodes, cfg.obs_size, sticky_actions=cfg.sticky_actions,
-                                   seed=args.seed, device=device)
+                              seed=args.seed, device=device)
     env = make_env()
     check_actions(sd, cfg.game, env.num_actions, trained_on)
     agent = Agent(cfg, env.num_actions)

@@ -208,10 +208,10 @@ def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) ->
     at the FLOP rate of the measured official-size imagined step (32 envs x 3 network calls), every other part at
     the measured denoiser-training FLOP rate. Env stepping and Python overhead are left out: a lower bound.
     `medium_hours_at_paper_rate`: medium at the FLOP rate that the paper's ~3 days imply for large."""
-    out = {}
+    out, totals = {}, {}
     for preset in ("large", "medium"):
         flop, f_den = diamond_run_flops(preset)
-        total = sum(flop.values())
+        total = totals[preset] = sum(flop.values())
         if preset == "large":
             frame_flop_s = 32 * 3 * f_den / imagined_step_sec
             paper_flop_s = total / (PAPER_LARGE_RUN_DAYS * 86400)
@@ -221,7 +221,7 @@ def diamond_large_run_estimate(train_flop_s: float, imagined_step_sec: float) ->
         out.update({f"extra_{preset}_run_pflop": total / 1e15,
                     f"extra_{preset}_run_pflop_share": {k: round(v / total, 3) for k, v in flop.items()},
                     f"extra_{preset}_run_estimated_hours_here": seconds / 3600})
-    out["extra_medium_run_hours_at_paper_rate"] = sum(diamond_run_flops("medium")[0].values()) / paper_flop_s / 3600
+    out["extra_medium_run_hours_at_paper_rate"] = totals["medium"] / paper_flop_s / 3600
     return out
 
 

@@ -4,8 +4,7 @@ Each step is the same command line a user would type; the demo only strings them
 prints where the outputs went. Budget: under 10 minutes on 2 CPU cores. The tiny models are too small
 for a second thread to help much (their small convolutions and matmuls barely scale), so the demo runs
 two lanes side by side, one core each: DDPM then DIAMOND on Catch in one, DiT then DIAMOND on Breakout
-in the other. Each command's
-output goes to runs/demo-logs/; its last lines are printed when it ends.
+in the other. Each command's output goes to runs/demo-logs/; its last lines are printed when it ends.
 """
 import glob
 import os
