@@ -68,6 +68,15 @@ def flag(name: str) -> str:
     return "--" + name.lower().replace("_", "-")
 
 
+def field(default, help: str, **metadata):
+    """A config field with its --help text (add_config_args makes it a flag) and any other metadata; a list
+    default is copied per instance."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def add_config_args(parser: argparse.ArgumentParser, cfg) -> argparse.ArgumentParser:
     """One flag per dataclass field of the instance `cfg` (dest = field name, default = its value): bools get
     --x / --no-x, lists and tuples nargs='+'; help is field(metadata={"help": ...}), else the type."""
@@ -1367,30 +1376,6 @@ def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
     return state
 
 
-def rng_state() -> dict:
-    """Python, numpy, torch CPU (and CUDA) RNG states, as plain types and tensors (weights_only-safe)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                       float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned, so the random stream continues exactly."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(int(i) for i in internal.tolist()), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 def make_run_dir(kind: str, name: str, root="runs") -> Path:
     """Create runs/<kind>-<name>-<YYYYmmdd-HHMMSS>/ (-2, -3... if taken) on the main rank only."""
     base = Path(root) / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -1674,47 +1659,43 @@ def grid_settings(cfg) -> dict:
                 clip=cfg.sample_clip, n=cfg.sample_n, seed=cfg.seed)
 
 
-def _field(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class RunConfig:
     """The fields ddpm.py and dit.py share, with one meaning in both (each script's config adds its network's
     fields and sets its own defaults)."""
     # data
-    dataset: str = _field("cifar10", "cifar10 | shapes | folder:PATH")
-    data_root: str = _field("data", "where datasets are downloaded / cached")
-    img_size: int = _field(32, "image side (pixels)")
-    flip: bool = _field(True, "random horizontal flips (the only augmentation)")
-    label_dropout: float = _field(0.1, "label -> null label rate in training (classifier-free guidance)")
+    dataset: str = field("cifar10", "cifar10 | shapes | folder:PATH")
+    data_root: str = field("data", "where datasets are downloaded / cached")
+    img_size: int = field(32, "image side (pixels)")
+    flip: bool = field(True, "random horizontal flips (the only augmentation)")
+    label_dropout: float = field(0.1, "label -> null label rate in training (classifier-free guidance)")
     # diffusion
-    schedule: str = _field("linear", "beta schedule: linear | cosine")
-    timesteps: int = _field(1000, "diffusion steps T")
-    beta_start: float = _field(1e-4, "linear schedule beta_1")
-    beta_end: float = _field(0.02, "linear schedule beta_T")
-    pred: str = _field("eps", "what the network predicts: eps (both papers) | x0 | v")
+    schedule: str = field("linear", "beta schedule: linear | cosine")
+    timesteps: int = field(1000, "diffusion steps T")
+    beta_start: float = field(1e-4, "linear schedule beta_1")
+    beta_end: float = field(0.02, "linear schedule beta_T")
+    pred: str = field("eps", "what the network predicts: eps (both papers) | x0 | v")
     # optimisation
-    batch_size: int = _field(128, "global batch size (split over DDP ranks)")
-    steps: int = _field(0, "training steps")
-    lr: float = _field(1e-4, "learning rate")
-    ema_decay: float = _field(0.9999, "EMA decay of the sampling weights")
-    seed: int = _field(0, "seed of init, data order, noise, dropout and label dropout")
+    batch_size: int = field(128, "global batch size (split over DDP ranks)")
+    steps: int = field(0, "training steps")
+    lr: float = field(1e-4, "learning rate")
+    ema_decay: float = field(0.9999, "EMA decay of the sampling weights")
+    seed: int = field(0, "seed of init, data order, noise, dropout and label dropout")
     # runtime
-    device: str = _field("auto", "auto | cpu | cuda | mps")
-    bf16: bool = _field(False, "bf16 autocast (GPU)")
-    compile: bool = _field(False, "torch.compile the network")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    bf16: bool = field(False, "bf16 autocast (GPU)")
+    compile: bool = field(False, "torch.compile the network")
     # logging, checkpoints, sample grids (their settings are the sample command's defaults), evaluation
-    log_every: int = _field(100, "print/log the loss every N steps")
-    ckpt_every: int = _field(5000, "atomic checkpoint every N steps (and at the end)")
-    sample_every: int = _field(5000, "EMA sample grid every N steps (0: only at the end)")
-    sample_n: int = _field(64, "images per grid (one block of rows per class when conditional)")
-    sample_sampler: str = _field("ddim", "sampler of the grids: " + " | ".join(SAMPLERS))
-    sample_steps: int = _field(50, "sampler steps of the grids")
-    sample_guidance: float = _field(0.0, "CFG weight w of the grids: (1 + w) eps(x, y) - w eps(x, null)")
-    sample_clip: bool = _field(False, "clamp every predicted x0 to [-1, 1] in the grids")
-    eval_every: int = _field(0, "shapes metrics every N steps (0: off)")
-    eval_n: int = _field(500, "samples per in-training evaluation")
+    log_every: int = field(100, "print/log the loss every N steps")
+    ckpt_every: int = field(5000, "atomic checkpoint every N steps (and at the end)")
+    sample_every: int = field(5000, "EMA sample grid every N steps (0: only at the end)")
+    sample_n: int = field(64, "images per grid (one block of rows per class when conditional)")
+    sample_sampler: str = field("ddim", "sampler of the grids: " + " | ".join(SAMPLERS))
+    sample_steps: int = field(50, "sampler steps of the grids")
+    sample_guidance: float = field(0.0, "CFG weight w of the grids: (1 + w) eps(x, y) - w eps(x, null)")
+    sample_clip: bool = field(False, "clamp every predicted x0 to [-1, 1] in the grids")
+    eval_every: int = field(0, "shapes metrics every N steps (0: off)")
+    eval_n: int = field(500, "samples per in-training evaluation")
 
 
 def check_run_config(cfg, guidance_ok: bool) -> None:
@@ -1740,16 +1721,19 @@ def check_run_config(cfg, guidance_ok: bool) -> None:
         check_evaluable(cfg.dataset, cfg.img_size, cfg.eval_n, "--eval-every", "--eval-n")
 
 
-def parse_train_args(argv, prog: str, description: str, base_config, check, presets: dict):
-    """The train command line: one flag per config field, defaulting to base_config(pre-read flags) (the
-    --preset's values, or with --resume the run's saved config, so flags given now change only what they
-    name). --epochs without --steps decides the length (a preset's step count would silently win)."""
+def parse_train_args(argv, prog: str, description: str, kind: str, config_of, preset_config, check,
+                     presets: dict):
+    """The train command line: one flag per config field, defaulting to preset_config(pre-read flags) (the
+    --preset's values), or with --resume to the run's saved config (config_of(checkpoint of `kind`)), so flags
+    given now change only what they name. --epochs without --steps decides the length (a preset's step count
+    would silently win)."""
     pre = ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--resume")
     pre.add_argument("--model")
     known, _ = pre.parse_known_args(argv)
-    base = base_config(known)
+    base = (config_of(load_checkpoint(checkpoint_file(known.resume), kind)) if known.resume
+            else preset_config(known))
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--resume", help="a run to continue exactly: its folder or RUN/ckpt.pt")
     if "preset" not in {f.name for f in dataclasses.fields(base)}:

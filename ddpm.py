@@ -41,7 +41,7 @@ import math
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -62,18 +62,17 @@ class DDPMConfig(common.RunConfig):
     """The data, diffusion, optimisation and logging fields are common.RunConfig's (shared with dit.py); the
     defaults below are the paper's CIFAR-10 run where they differ from those."""
     # U-Net (paper CIFAR-10: 128, (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1)
-    ch: int = field(default=128, metadata={"help": "base channel count of the U-Net"})
-    ch_mult: tuple = field(default=(1, 2, 2, 2), metadata={"help": "channel multiplier per resolution; "
-                                                                  "--img-size must be divisible by "
-                                                                  "2^(len(ch_mult)-1)"})
-    num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution (down path)"})
-    attn_res: tuple = field(default=(16,), metadata={"help": "resolutions that get self-attention"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout inside residual blocks"})
-    norm_groups: int = field(default=32, metadata={"help": "GroupNorm groups (paper: 32)"})
-    class_cond: bool = field(default=False, metadata={"help": "add a label embedding to the time embedding"})
+    ch: int = common.field(128, "base channel count of the U-Net")
+    ch_mult: tuple = common.field((1, 2, 2, 2), "channel multiplier per resolution; --img-size must be "
+                                                "divisible by 2^(len(ch_mult)-1)")
+    num_res_blocks: int = common.field(2, "residual blocks per resolution (down path)")
+    attn_res: tuple = common.field((16,), "resolutions that get self-attention")
+    dropout: float = common.field(0.1, "dropout inside residual blocks")
+    norm_groups: int = common.field(32, "GroupNorm groups (paper: 32)")
+    class_cond: bool = common.field(False, "add a label embedding to the time embedding")
     # optimisation: Adam with the official warm-up and clip
-    warmup: int = field(default=5000, metadata={"help": "linear lr warm-up steps (official code)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
+    warmup: int = common.field(5000, "linear lr warm-up steps (official code)")
+    grad_clip: float = common.field(1.0, "global gradient-norm clip")
     steps: int = 800_000
     lr: float = 2e-4
     # grids: the paper's ancestral sampler (variance beta, x0 clipped as in official code), 100 respaced steps
@@ -527,11 +526,8 @@ def train(cfg: DDPMConfig, resume: Optional[str] = None) -> Path:
 # =====================================================================================================
 
 
-def base_config(known) -> DDPMConfig:
-    """The defaults of the train flags: the --preset's, or with --resume the run's own saved config."""
-    if known.resume:
-        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume),
-                                                             kind="ddpm"))
+def preset_config(known) -> DDPMConfig:
+    """The defaults of the train flags (without --resume): the --preset's."""
     if (known.preset or "cifar10") not in PRESETS:
         raise ValueError(f"--preset {known.preset!r}: use one of {', '.join(PRESETS)}")
     return PRESETS[known.preset or "cifar10"]
@@ -539,7 +535,7 @@ def base_config(known) -> DDPMConfig:
 
 def parse_train_args(argv) -> tuple[DDPMConfig, Optional[str]]:
     return common.parse_train_args(argv, "ddpm.py [train]", "Train a DDPM. Every DDPMConfig field is a flag.",
-                                   base_config, check_config, presets=PRESETS)
+                                   "ddpm", config_from_checkpoint, preset_config, check_config, PRESETS)
 
 
 # the sample and evaluate commands take a ddpm.py run or the paper's weights (their diffusers port)

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -105,40 +105,34 @@ PRESETS["catch4"] = dict(PRESETS["catch"], game="diamond/Catch4x4-v0", initial_c
                          actor_critic_learning_rate=3e-3, eval_every=1, final_eval_episodes=100)
 
 
-def _f(default, help: str):
-    """A field with its --help text; a list default is copied per instance."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 def _p(large, help: str):
     """A field that presets set: None until __post_init__ fills in the preset's value (large: the paper's)."""
-    return field(default=None, metadata={"help": help, "large": large})
+    return common.field(None, help, large=large)
 
 
 @dataclass
 class DiamondConfig:
     """Every knob of the method. `DiamondConfig(preset="small")` starts from a preset; keyword arguments
     override it and attributes may be assigned afterwards (a misspelt name raises)."""
-    preset: str = _f("large", "tiny | small | medium | large (the paper's) | smoke (every stage, briefly) | "
-                     "catch (the built-in Catch, learnt on a CPU; the default of --game catch) | catch4 (a "
-                     "4x4 Catch, learnt in minutes)")
+    preset: str = common.field("large", "tiny | small | medium | large (the paper's) | smoke (every stage, "
+                               "briefly) | catch (the built-in Catch, learnt on a CPU; the default of --game "
+                               "catch) | catch4 (a 4x4 Catch, learnt in minutes)")
     # --- game and run ---
     game: Optional[str] = _p("Breakout-v5", "an Atari game (with or without ALE/), catch, or any gymnasium "
                              "id with discrete actions and image frames ('module:Env-v0' imports module)")
     obs_size: Optional[int] = _p(64, "frames are resized to obs_size x obs_size RGB")
-    seed: int = _f(0, "seed of the networks' init and of every random stream of the run")
-    device: str = _f("auto", "auto | cpu | cuda | mps")
-    sticky_actions: float = _f(0.0, "repeat_action_probability: 0 = Atari 100k protocol, 0.25 = ALE v5")
+    seed: int = common.field(0, "seed of the networks' init and of every random stream of the run")
+    device: str = common.field("auto", "auto | cpu | cuda | mps")
+    sticky_actions: float = common.field(0.0, "repeat_action_probability: 0 = Atari 100k protocol, 0.25 = "
+                                              "ALE v5")
     # --- denoiser (EDM U-Net) ---
-    num_steps_conditioning: int = _f(4, "past frames and actions the denoiser conditions on")
+    num_steps_conditioning: int = common.field(4, "past frames and actions the denoiser conditions on")
     diffusion_channels: Optional[list] = _p([64, 64, 64, 64], "U-Net channels per level")
     diffusion_depths: Optional[list] = _p([2, 2, 2, 2], "U-Net res-blocks per level")
-    diffusion_attn_depths: list = _f([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
+    diffusion_attn_depths: list = common.field([0, 0, 0, 0], "1 = self-attention in that level's res-blocks")
     diffusion_cond_dim: Optional[int] = _p(256, "width of the noise-level + action conditioning vector")
-    num_sampling_steps: int = _f(3, "denoising steps per imagined frame")
-    diffusion_sampler: str = _f("euler", "euler | heun (order 2: 2N-1 network calls per frame)")
+    num_sampling_steps: int = common.field(3, "denoising steps per imagined frame")
+    diffusion_sampler: str = common.field("euler", "euler | heun (order 2: 2N-1 network calls per frame)")
     # --- reward / termination model ---
     rew_end_channels: Optional[list] = _p([32, 32, 32, 32], "encoder channels per level")
     rew_end_depths: Optional[list] = _p([2, 2, 2, 2], "encoder res-blocks per level")
@@ -150,21 +144,22 @@ class DiamondConfig:
     imagination_horizon: Optional[int] = _p(15, "imagined steps per actor-critic update (official "
                                                 "backup_every)")
     imagination_batch_size: Optional[int] = _p(32, "parallel imagined environments")
-    discount_factor: float = _f(0.985, "gamma of the lambda-returns")
-    lambda_returns: float = _f(0.95, "lambda of the lambda-returns")
+    discount_factor: float = common.field(0.985, "gamma of the lambda-returns")
+    lambda_returns: float = common.field(0.95, "lambda of the lambda-returns")
     entropy_weight: Optional[float] = _p(0.001, "weight of the entropy bonus")
-    value_weight: float = _f(1.0, "weight of the value MSE")
+    value_weight: float = common.field(1.0, "weight of the value MSE")
     # --- optimisation (AdamW for each of the three models) ---
     learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of the denoiser and reward/end model")
     actor_critic_learning_rate: Optional[float] = _p(1e-4, "AdamW learning rate of the actor-critic")
-    weight_decay: float = _f(1e-2, "AdamW weight decay of the denoiser and reward/end model")
-    actor_critic_weight_decay: float = _f(0.0, "AdamW weight decay of the actor-critic")
+    weight_decay: float = common.field(1e-2, "AdamW weight decay of the denoiser and reward/end model")
+    actor_critic_weight_decay: float = common.field(0.0, "AdamW weight decay of the actor-critic")
     warmup_steps: Optional[int] = _p(100, "linear learning-rate warm-up from 0, per model")
-    max_grad_norm_denoiser: float = _f(1.0, "gradient-norm clip of the denoiser")
-    max_grad_norm_rew_end: float = _f(100.0, "gradient-norm clip of the reward/end model")
-    max_grad_norm_actor_critic: float = _f(100.0, "gradient-norm clip of the actor-critic")
+    max_grad_norm_denoiser: float = common.field(1.0, "gradient-norm clip of the denoiser")
+    max_grad_norm_rew_end: float = common.field(100.0, "gradient-norm clip of the reward/end model")
+    max_grad_norm_actor_critic: float = common.field(100.0, "gradient-norm clip of the actor-critic")
     batch_size: Optional[int] = _p(32, "segments per denoiser and reward/end batch")
-    sample_weights: list = _f([0.1, 0.1, 0.1, 0.7], "segment sampling weight of each chronological quarter")
+    sample_weights: list = common.field([0.1, 0.1, 0.1, 0.7], "segment sampling weight of each chronological "
+                                                              "quarter")
     # --- schedule (per epoch: collect, train denoiser, reward/end model, actor-critic; evaluate) ---
     num_epochs: Optional[int] = _p(1000, "training epochs")
     env_steps: Optional[int] = _p(100_000, "budget of real environment steps (Atari 100k)")
@@ -172,7 +167,7 @@ class DiamondConfig:
     initial_collection_max: Optional[int] = _p(10000, "the initial collection goes on until both rare reward "
                                                       "signs are seen, up to this many steps")
     env_steps_per_epoch: Optional[int] = _p(100, "real steps collected per epoch after the first")
-    collect_epsilon: float = _f(0.01, "epsilon-greedy exploration while collecting")
+    collect_epsilon: float = common.field(0.01, "epsilon-greedy exploration while collecting")
     denoiser_steps_first_epoch: Optional[int] = _p(10000, "denoiser updates in epoch 1")
     rew_end_steps_first_epoch: Optional[int] = _p(10000, "reward/end updates in epoch 1")
     actor_critic_steps_first_epoch: Optional[int] = _p(5000, "actor-critic updates in epoch 1")
@@ -236,10 +231,9 @@ def check_config(cfg: DiamondConfig) -> None:
 
 def load_run(path) -> tuple[DiamondConfig, dict]:
     """The one way from a checkpoint to its config: (DiamondConfig, checkpoint) of a run folder or its
-    ckpt.pt. Fields a newer diamond.py added take their defaults."""
+    ckpt.pt (common.config_from_dict: fields a newer diamond.py added take their defaults)."""
     state = common.load_checkpoint(common.checkpoint_file(path), "diamond")
-    known = DiamondConfig.__dataclass_fields__
-    return DiamondConfig(**{k: v for k, v in state["config"].items() if k in known}), state
+    return common.config_from_dict(DiamondConfig, state["config"]), state
 
 # =====================================================================================================
 # environment: Atari preprocessing, vectorised envs, recording into the replay dataset

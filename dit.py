@@ -45,7 +45,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -69,21 +69,19 @@ class DiTConfig(common.RunConfig):
     defaults are the official recipe (AdamW 1e-4, no weight decay, constant lr, EMA 0.9999, eps-MSE on the
     linear schedule)."""
     # model (named sizes: --model DiT-S/4 fills patch, width, depth, heads)
-    model: Optional[str] = field(default=None, metadata={"help": "named size DiT-{S,B,L,XL}/{2,4,8}, "
-                                                                 "or none"})
-    patch: int = field(default=4, metadata={"help": "patch side p: (img_size/p)^2 tokens"})
-    width: int = field(default=384, metadata={"help": "hidden size D; divisible by --heads and by 4"})
-    depth: int = field(default=6, metadata={"help": "number of DiT blocks"})
-    heads: int = field(default=6, metadata={"help": "attention heads"})
-    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden size / width"})
-    adaln: str = field(default="adaln-zero", metadata={"help": "conditioning: " + " | ".join(ADALN_VARIANTS)})
-    learn_sigma: bool = field(default=False, metadata={"help": "also predict the variance "
-                                                               "(improved-DDPM L_vlb)"})
-    uncond: bool = field(default=False, metadata={"help": "ignore labels (unconditional model)"})
+    model: Optional[str] = common.field(None, "named size DiT-{S,B,L,XL}/{2,4,8}, or none")
+    patch: int = common.field(4, "patch side p: (img_size/p)^2 tokens")
+    width: int = common.field(384, "hidden size D; divisible by --heads and by 4")
+    depth: int = common.field(6, "number of DiT blocks")
+    heads: int = common.field(6, "attention heads")
+    mlp_ratio: float = common.field(4.0, "MLP hidden size / width")
+    adaln: str = common.field("adaln-zero", "conditioning: " + " | ".join(ADALN_VARIANTS))
+    learn_sigma: bool = common.field(False, "also predict the variance (improved-DDPM L_vlb)")
+    uncond: bool = common.field(False, "ignore labels (unconditional model)")
     # optimisation
-    epochs: int = field(default=100, metadata={"help": "passes over the dataset (when --steps is 0)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    preset: str = field(default="cifar10", metadata={"help": "base values: cifar10 | tiny"})
+    epochs: int = common.field(100, "passes over the dataset (when --steps is 0)")
+    weight_decay: float = common.field(0.0, "AdamW weight decay")
+    preset: str = common.field("cifar10", "base values: cifar10 | tiny")
     sample_n: int = 80
 
 
@@ -617,17 +615,14 @@ def train(cfg: DiTConfig, resume: Optional[str] = None) -> Path:
 # =====================================================================================================
 
 
-def base_config(known) -> DiTConfig:
-    """The defaults of the train flags: the --preset's and --model's, or with --resume the run's config."""
-    if known.resume:
-        return config_from_checkpoint(common.load_checkpoint(common.checkpoint_file(known.resume),
-                                                             kind="dit"))
+def preset_config(known) -> DiTConfig:
+    """The defaults of the train flags (without --resume): the --preset's and --model's."""
     return get_dit_config(preset=known.preset or "cifar10", **({"model": known.model} if known.model else {}))
 
 
 def parse_train_args(argv) -> tuple[DiTConfig, Optional[str]]:
     return common.parse_train_args(argv, "dit.py [train]", "Train a DiT. Every DiTConfig field is a flag.",
-                                   base_config, check_config, PRESETS)
+                                   "dit", config_from_checkpoint, preset_config, check_config, PRESETS)
 
 
 def load_for_sampling(args):

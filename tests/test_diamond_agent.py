@@ -18,6 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import diamond  # noqa: E402
+from test_diamond_world_model import assert_f32_close, maxerr  # noqa: E402  (the same float32 tolerance rule)
 
 GOLDEN = ROOT / "tests" / "golden" / "diamond_small.pt"
 # float32 against a golden made on another CPU: a conv encoder and an LSTM over 6 steps, backward for the gradients,
@@ -48,16 +49,6 @@ def rollout(net, golden):
         lg, v, hx_cx = net(obs[:, t], hx_cx)
         logits.append(lg), values.append(v), hxs.append(hx_cx[0])
     return torch.stack(logits, 1), torch.stack(values, 1), torch.stack(hxs, 1), hx_cx
-
-
-def maxerr(a, b):
-    return (a - b).abs().max().item()
-
-
-def assert_f32_close(got, ref, rtol=RTOL):
-    got, ref = torch.as_tensor(got), torch.as_tensor(ref)
-    tol = rtol * max(1.0, ref.abs().max().item())
-    assert maxerr(got, ref) <= tol, (maxerr(got, ref), tol)
 
 
 def test_actor_critic_keys_match_official_checkpoint(golden):
