@@ -174,7 +174,7 @@ def bench_diamond():
             "sample_ms_per_img_per_nfe": 1e3 * sec1 / 3,
             "extra_next_frame_3_euler_ms": 1e3 * sec1, "extra_imagination_batch_32x15_s": 15 * sec32,
             "extra_imagination_steps_s": 32 / sec32, "extra_env_steps_s": env_rate,
-            **diamond_large_run_estimate(train["train_gflop_s"] * 1e9, sec32)}
+            **diamond_large_run_estimate(train["train_gflop_s"] * 1e9, sec32), **ab_diamond(B)}
 
 
 def diamond_run_flops(preset: str) -> tuple[dict, float]:
@@ -379,6 +379,172 @@ def ab_ddpm(B: int) -> dict:
     return {"ab_reference": f"diffusers {__import__('diffusers').__version__} UNet2DModel",
             "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["diffusers"], "ab_speedup": speedup,
             "ab_max_abs_diff": diff}
+
+
+def official_diamond_inner_forward(inner, noisy_next_obs, c_noise, obs, act):
+    """InnerModel.forward in the op order of the official Atari code (eloialonso/diamond src/models/blocks.py,
+    diffusion/inner_model.py), run on the parameters of our DiffusionUNet `inner` (same names). Torch modules the
+    official code calls as they are (convs, Linear, Embedding, GroupNorm, Fourier features) are ours; AdaGroupNorm,
+    self-attention, ResBlock(s) and the U-Net are written out in the official order."""
+    F = torch.nn.functional
+
+    def ada_group_norm(m, x, cond):  # official: normalise first, then linear(cond) (ours: linear, then normalise)
+        x = F.group_norm(x, m.num_groups, eps=1e-5)
+        scale, shift = m.linear(cond)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + shift
+
+    def self_attention(a, x):  # official: q, k, v made contiguous, explicit softmax(q k^T / sqrt(d)) v (ours: SDPA)
+        n, c, h, w = x.shape
+        x = a.norm(x)
+        qkv = a.qkv_proj(x).view(n, 3 * a.n_head, c // a.n_head, h * w).transpose(2, 3).contiguous()
+        q, k, v = qkv.chunk(3, dim=1)
+        att = F.softmax((q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1)), dim=-1)
+        return x + a.out_proj((att @ v).transpose(2, 3).reshape(n, c, h, w))
+
+    def res_blocks(blocks, x, cond, to_cat=None):
+        outputs = []
+        for i, b in enumerate(blocks.resblocks):
+            x = x if to_cat is None else torch.cat((x, to_cat[i]), dim=1)
+            r = b.proj(x)
+            x = b.conv1(F.silu(ada_group_norm(b.norm1, x, cond)))
+            x = b.conv2(F.silu(ada_group_norm(b.norm2, x, cond)))
+            x = x + r
+            x = x if isinstance(b.attn, torch.nn.Identity) else self_attention(b.attn, x)
+            outputs.append(x)
+        return x, outputs
+
+    def unet(u, x, cond):  # the official also returns the level outputs (unused by InnerModel): not kept here
+        h, w = x.shape[-2:]
+        m = 2 ** u.num_down
+        x = F.pad(x, (0, math.ceil(w / m) * m - w, 0, math.ceil(h / m) * m - h))
+        d_outputs = []
+        for block, down in zip(u.d_blocks, u.downsamples):
+            x_down = down(x)
+            x, outs = res_blocks(block, x_down, cond)
+            d_outputs.append((x_down, *outs))
+        x, _ = res_blocks(u.mid_blocks, x, cond)
+        for block, up, skip in zip(u.u_blocks, u.upsamples, reversed(d_outputs)):
+            x, _ = res_blocks(block, up(x), cond, skip[::-1])
+        return x[..., :h, :w]
+
+    cond = inner.cond_proj(inner.noise_emb(c_noise) + inner.act_emb(act))
+    x = unet(inner.unet, inner.conv_in(torch.cat((obs, noisy_next_obs), dim=1)), cond)
+    return inner.conv_out(F.silu(inner.norm_out(x)))
+
+
+def official_diamond_conditioners(den, sigma):
+    """Denoiser.compute_conditioners: (c_in, c_out, c_skip) shaped (B, 1, 1, 1), c_noise (B,)."""
+    sigma = (sigma ** 2 + den.sigma_offset_noise ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + den.sigma_data ** 2).sqrt()
+    c_skip = den.sigma_data ** 2 / (sigma ** 2 + den.sigma_data ** 2)
+    c_out = sigma * c_skip.sqrt()
+    return c_in[:, None, None, None], c_out[:, None, None, None], c_skip[:, None, None, None], sigma.log() / 4
+
+
+def official_diamond_loss(den, obs, act, mask):
+    """Denoiser.forward (the training loss) of the official Atari code, op for op, on our EDMPreconditioner `den`:
+    per autoregressive step, sigma from the clipped log-normal, offset noise then noise (apply_noise, global RNG:
+    the same draws as den.loss without a generator), conditioners, model output, MSE on the unpadded targets,
+    then the next step conditions on the quantised prediction (wrap_model_output: uint8 truncation)."""
+    K = den.inner_model.conv_in.in_channels // obs.size(2) - 1
+    all_obs, loss = obs.clone(), 0
+    for i in range(obs.size(1) - K):
+        prev_obs, next_obs = all_obs[:, i:K + i], all_obs[:, K + i]
+        b, t, c, h, w = prev_obs.shape
+        prev_obs = prev_obs.reshape(b, t * c, h, w)
+        log_sigma = torch.randn(b, device=obs.device) * den.sigma_scale + den.sigma_loc  # sample_sigma_training
+        sigma = log_sigma.exp().clip(den.sigma_min, den.sigma_max)
+        offset_noise = den.sigma_offset_noise * torch.randn(b, c, 1, 1, device=obs.device)
+        noisy_next_obs = next_obs + offset_noise + torch.randn_like(next_obs) * sigma[:, None, None, None]
+        c_in, c_out, c_skip, c_noise = official_diamond_conditioners(den, sigma)
+        rescaled_obs = prev_obs / den.sigma_data
+        out = official_diamond_inner_forward(den.inner_model, noisy_next_obs * c_in, c_noise, rescaled_obs,
+                                             act[:, i:K + i])
+        target = (next_obs - c_skip * noisy_next_obs) / c_out
+        m = mask[:, K + i]
+        loss += torch.nn.functional.mse_loss(out[m], target[m])
+        with torch.no_grad():
+            d = c_skip * noisy_next_obs + c_out * out
+            all_obs[:, K + i] = d.clamp(-1, 1).add(1).div(2).mul(255).byte().div(255).mul(2).sub(1)
+    loss /= obs.size(1) - K
+    return loss, {"loss_denoising": loss.detach()}
+
+
+def official_diamond_adamw(model, lr, weight_decay, eps):
+    """utils.configure_opt (minGPT): weights of Linear / Conv / LSTM decay, the rest not, each group sorted by
+    parameter name; torch's default AdamW (no fused / foreach flag given)."""
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    decay_types = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.LSTMCell, torch.nn.LSTM)
+    decay = set()
+    for name in params:
+        mod, _, pn = name.rpartition(".")
+        is_weight = "bias" not in pn and (pn.endswith("weight") or pn.startswith("weight_"))
+        if is_weight and isinstance(modules[mod], decay_types):
+            decay.add(name)
+    groups = [{"params": [params[n] for n in sorted(decay)], "weight_decay": weight_decay},
+              {"params": [params[n] for n in sorted(params.keys() - decay)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=eps)
+
+
+def ab_diamond(B: int, rounds: int = 15) -> dict:
+    """Our DIAMOND denoiser training step against the official op order, official size, on segments of
+    K + DENOISER_SEGMENT_EXTRA frames (official num_autoregressive_steps 1: 2 predicted frames per segment; the
+    rates count predicted frames). Both sides start from the same perturbed weights and do what each trainer does
+    per update, lr 1e-4, weight decay 1e-2 (same parameter groups), warm-up 100, grad clip 1.0:
+    official (trainer.train_component): loss, backward, clip_grad_norm_, AdamW.step (torch's default
+    implementation), zero_grad, LambdaLR step; ours: den.loss then diamond.optimizer_step (zero_grad, backward,
+    clip, finiteness checks, AdamW.step, fused where torch has it, warm-up step). The official trainer also wraps
+    the world model in torch.compile (compile_wm): neither side is compiled here."""
+    import copy
+    import diamond
+    torch.manual_seed(0)
+    num_actions, K, n = 4, 4, diamond.DENOISER_SEGMENT_EXTRA
+    ours = diamond.EDMPreconditioner(diamond.DiffusionUNet(num_actions)).to(DEVICE)
+    perturb_(ours)  # conv_out, every conv2 and the attention out_proj start at zero
+    ref = copy.deepcopy(ours)
+    obs = torch.rand(B, K + n, 3, 64, 64, device=DEVICE) * 2 - 1
+    act = torch.randint(0, num_actions, (B, K + n), device=DEVICE)
+    mask = torch.ones(B, K + n, dtype=torch.bool, device=DEVICE)
+    with torch.no_grad():  # network outputs F on one noised batch, eval mode
+        sigma = ours.sample_sigma(B, DEVICE)
+        x_noisy = obs[:, K] + torch.randn_like(obs[:, K]) * sigma[:, None, None, None]
+        f_ours = ours.eval()(x_noisy, sigma, obs[:, :K], act[:, :K])[0]
+        c_in, _, _, c_noise = official_diamond_conditioners(ref, sigma)
+        f_ref = official_diamond_inner_forward(ref.eval().inner_model, x_noisy * c_in, c_noise,
+                                               obs[:, :K].flatten(1, 2) / ref.sigma_data, act[:, :K])
+        diff = (f_ours - f_ref).abs().max().item()
+        # and the whole loss with the same random draws (sigma, offset, noise; the second prediction conditions
+        # on the quantised first): an error in sampling, conditioners or quantisation would show here
+        torch.manual_seed(1)
+        loss_ours = ours.loss(obs, act, mask)[0].item()
+        torch.manual_seed(1)
+        loss_diff = abs(loss_ours - official_diamond_loss(ref, obs, act, mask)[0].item())
+    ours.train(), ref.train()
+
+    opt_ref = official_diamond_adamw(ref, 1e-4, 1e-2, 1e-8)
+    sched_ref = torch.optim.lr_scheduler.LambdaLR(opt_ref, lambda s: 1 if s >= 100 else s / 100)
+    opt_ours = diamond.make_optimizer(ours, 1e-4, 1e-2)
+    sched_ours, steps = diamond.make_warmup(opt_ours, 100), [0]
+
+    def ref_step():  # autocast (GPU only) on both sides, as every A/B here; neither trainer uses it
+        with autocast():
+            loss = official_diamond_loss(ref, obs, act, mask)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt_ref.step()
+        opt_ref.zero_grad()
+        sched_ref.step()
+
+    def ours_step():
+        with autocast():
+            loss = ours.loss(obs, act, mask)[0]
+        steps[0] += 1
+        diamond.optimizer_step("denoiser", loss, ours, opt_ours, sched_ours, 1.0, steps[0])
+
+    rates, speedup = ab_rates({"official": ref_step, "ours": ours_step}, B * n, rounds=rounds)
+    return {"ab_reference": "official DIAMOND op order (denoiser.py, inner_model.py, blocks.py, configure_opt)",
+            "ab_ours_items_s": rates["ours"], "ab_ref_items_s": rates["official"], "ab_speedup": speedup,
+            "ab_max_abs_diff": diff, "extra_ab_same_draws_loss_abs_diff": loss_diff}
 
 
 BENCHES = {"ddpm": bench_ddpm, "dit": bench_dit, "diamond": bench_diamond}
