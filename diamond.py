@@ -334,14 +334,15 @@ class AtariEnv:
 
 # --- any other gymnasium game: its frames resized to obs_size, nothing else ---------------------------
 
-CATCH_ID = "diamond/Catch-v0"  # --game catch
+CATCH_ID = "diamond/Catch-v0"
+GAME_ALIASES = {"catch": CATCH_ID}  # --game names that are not gymnasium ids (any case)
 
 
 def game_id(game: str) -> str:
-    """The gymnasium id of --game: 'catch' -> CATCH_ID; Atari names ('Breakout', 'BreakoutNoFrameskip-v4')
-    -> 'ALE/<Game>-v5'; any other registered id, or 'module:Env-v0' (gymnasium imports module), as it is."""
-    if game.lower() == "catch":
-        return CATCH_ID
+    """The gymnasium id of --game: an alias (GAME_ALIASES) -> its id; Atari names ('Breakout',
+    'BreakoutNoFrameskip-v4') -> 'ALE/<Game>-v5'; any other registered id, or 'module:Env-v0' (gymnasium
+    imports module), as it is."""
+    game = GAME_ALIASES.get(game.lower(), game)
     spec = _import_ale().registry.get(game)
     return game if ":" in game or (spec and "ale_py" not in str(spec.entry_point)) else resolve_game(game)
 
@@ -1850,12 +1851,11 @@ def world_model_diagnostics(sampler: DiffusionSampler, rew_end_model: RewardTerm
 
 def diagnostics_text(d: dict) -> str:
     f = lambda k: "n/a" if d[k] is None else f"{d[k]:.2f}"
+    pr = lambda name: f"{f(name + '_precision')}/{f(name + '_recall')}"
     return (f"world model on {HELDOUT_STEPS} held-out random-policy steps: action sensitivity "
             f"{d['action_sensitivity']:.4f} (real frames {d['action_sensitivity_real']:.4f}), "
-            f"action accuracy "
-            f"{f('action_accuracy')}; precision/recall of reward +1 {f('reward_pos_precision')}/"
-            f"{f('reward_pos_recall')}, reward -1 {f('reward_neg_precision')}/{f('reward_neg_recall')}, end "
-            f"{f('end_precision')}/{f('end_recall')}; frame error (0-255) by depth: "
+            f"action accuracy {f('action_accuracy')}; precision/recall of reward +1 {pr('reward_pos')}, "
+            f"reward -1 {pr('reward_neg')}, end {pr('end')}; frame error (0-255) by depth: "
             + " ".join(f"{e:.1f}" for e in d["frame_mae_by_depth"]))
 
 
@@ -1872,8 +1872,8 @@ def config_parser(argv, description: str = "DIAMOND") -> tuple[argparse.Argument
     pre.add_argument("--game")
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
-    catch = known.game is not None and known.game.lower() in ("catch", CATCH_ID.lower())
-    preset = known.preset or ("catch" if catch else "large")
+    game = known.game and GAME_ALIASES.get(known.game.lower(), known.game)  # not game_id: --help must work
+    preset = known.preset or ("catch" if game == CATCH_ID else "large")
     base = load_run(known.resume)[0] if known.resume else DiamondConfig(preset=preset)
     return common.add_config_args(common.ArgumentParser(description=description), base), base
 
